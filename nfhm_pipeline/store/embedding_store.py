@@ -1,0 +1,250 @@
+"""The embedding lake: one Parquet file per (dataset, model), written atomically.
+
+Layout under ``root`` (a local path or a URI such as ``s3://bucket/prefix``)::
+
+    embeddings/dataset=<d>/model=<m>/embeddings.parquet
+    embeddings/dataset=<d>/model=<m>/_checkpoints/<fingerprint>/part-<n>.parquet
+
+``embeddings.parquet`` is the last complete table: ``image_id`` (sha256 of the image
+bytes), ``embedding`` (``FixedSizeList<float32>[dim]``, raw model output), and the
+model fingerprint in the file metadata. While a run embeds, each finished chunk is
+written as a checkpoint part; a run that dies keeps the previous complete table
+readable, and the next run with the same fingerprint reuses the parts instead of
+redoing them.
+"""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from nfhm_pipeline.errors import StorageError
+from nfhm_pipeline.store.schemas import EMBEDDING_FINGERPRINT_KEY, embedding_schema
+
+
+@dataclass
+class EmbeddingTable:
+    image_ids: np.ndarray  # str [N]
+    vectors: np.ndarray  # float32 [N, dim]
+    fingerprint: str
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+
+@dataclass
+class EmbedReport:
+    """What one incremental run did; counts are images."""
+
+    total: int
+    new: int
+    reused: int
+    removed: int
+    resumed: int
+    seconds: float
+    embed_seconds: float
+    fingerprint: str
+    dim: int
+    path: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.new / self.embed_seconds if self.embed_seconds > 0 else float("nan")
+
+
+def _filesystem(root: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in str(root):
+        try:
+            return pafs.FileSystem.from_uri(str(root))
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise StorageError(f"cannot open storage root {root}: {exc}") from None
+    return pafs.LocalFileSystem(), os.path.abspath(str(root))
+
+
+class EmbeddingStore:
+    def __init__(self, root: str | os.PathLike):
+        self.root = str(root)
+        self.fs, self.base = _filesystem(self.root)
+
+    def folder(self, dataset: str, model: str) -> str:
+        return f"{self.base}/embeddings/dataset={dataset}/model={model}"
+
+    def table_path(self, dataset: str, model: str) -> str:
+        return f"{self.folder(dataset, model)}/embeddings.parquet"
+
+    def uri(self, dataset: str, model: str) -> str:
+        """A path DuckDB and people can use (the URI scheme kept for remote roots)."""
+        path = self.table_path(dataset, model)
+        if "://" in self.root:
+            return f"{self.root.split('://', 1)[0]}://{path}"
+        return path
+
+    def _checkpoint_dir(self, dataset: str, model: str, fingerprint: str) -> str:
+        return f"{self.folder(dataset, model)}/_checkpoints/{fingerprint[:32]}"
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def exists(self, dataset: str, model: str) -> bool:
+        return self.fs.get_file_info(self.table_path(dataset, model)).type == pafs.FileType.File
+
+    def read(self, dataset: str, model: str) -> EmbeddingTable | None:
+        """The last complete table, or None if there is none."""
+        if not self.exists(dataset, model):
+            return None
+        return _read_parquet(self.fs, self.table_path(dataset, model))
+
+    def read_fingerprint(self, dataset: str, model: str) -> str | None:
+        if not self.exists(dataset, model):
+            return None
+        with self.fs.open_input_file(self.table_path(dataset, model)) as f:
+            meta = pq.read_schema(f).metadata or {}
+        return meta.get(EMBEDDING_FINGERPRINT_KEY, b"").decode() or None
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def write(self, dataset: str, model: str, table: EmbeddingTable) -> str:
+        path = self.table_path(dataset, model)
+        _write_parquet(self.fs, path, table, model)
+        return path
+
+    def embed_incrementally(
+        self,
+        dataset: str,
+        model: str,
+        image_ids: Sequence[str],
+        fingerprint: str,
+        embed_chunk: Callable[[Sequence[int]], Iterable[tuple[np.ndarray, np.ndarray]]],
+        *,
+        chunk_size: int = 1024,
+    ) -> EmbedReport:
+        """Bring the stored table in line with ``image_ids`` for ``fingerprint``.
+
+        ``embed_chunk(indices)`` receives positions into ``image_ids`` still to embed and
+        yields ``(positions, vectors float32 [n, dim])`` pairs; it is called once per chunk
+        of at most ``chunk_size`` images so every finished chunk is checkpointed.
+        """
+        start = time.perf_counter()
+        wanted = list(dict.fromkeys(image_ids))  # order kept, duplicates dropped
+        wanted_set = set(wanted)
+        existing = self.read(dataset, model)
+        known: dict[str, np.ndarray] = {}
+        removed = 0
+        if existing is not None and existing.fingerprint == fingerprint:
+            keep = np.isin(existing.image_ids, list(wanted_set))
+            removed = int((~keep).sum())
+            known = dict(zip(existing.image_ids[keep], existing.vectors[keep]))
+        elif existing is not None:
+            removed = int((~np.isin(existing.image_ids, list(wanted_set))).sum())
+        reused = len(known)
+
+        ckpt_dir = self._checkpoint_dir(dataset, model, fingerprint)
+        resumed = 0
+        for part in self._checkpoint_parts(ckpt_dir):
+            piece = _read_parquet(self.fs, part)
+            for iid, vec in zip(piece.image_ids, piece.vectors):
+                if iid in wanted_set and iid not in known:
+                    known[iid] = vec
+                    resumed += 1
+
+        todo = [i for i, iid in enumerate(wanted) if iid not in known]
+        embed_seconds = 0.0
+        dim = existing.dim if existing is not None and reused else None
+        if todo:
+            self.fs.create_dir(ckpt_dir, recursive=True)
+        for start_at in range(0, len(todo), chunk_size):
+            chunk = todo[start_at:start_at + chunk_size]
+            t0 = time.perf_counter()
+            got_pos, got_vec = [], []
+            for positions, vectors in embed_chunk(chunk):
+                got_pos.extend(int(p) for p in positions)
+                got_vec.append(np.asarray(vectors, dtype=np.float32))
+            embed_seconds += time.perf_counter() - t0
+            if not got_pos:
+                continue
+            vectors = np.concatenate(got_vec)
+            ids = np.array([wanted[p] for p in got_pos], dtype=object)
+            part = EmbeddingTable(ids, vectors, fingerprint)
+            _write_parquet(self.fs, f"{ckpt_dir}/part-{uuid.uuid4().hex}.parquet", part, model)
+            known.update(zip(ids, vectors))
+
+        missing = [iid for iid in wanted if iid not in known]
+        if missing:
+            raise StorageError(f"{dataset}/{model}: the embedder returned no vector for {len(missing)} "
+                               f"image(s), e.g. {missing[0]}")
+        if wanted:
+            vectors = np.stack([known[iid] for iid in wanted]).astype(np.float32, copy=False)
+        else:
+            vectors = np.zeros((0, dim or 0), dtype=np.float32)
+        final = EmbeddingTable(np.array(wanted, dtype=object), vectors, fingerprint)
+        path = self.write(dataset, model, final)
+        self._drop_checkpoints(dataset, model)
+        return EmbedReport(
+            total=len(wanted), new=len(wanted) - reused - resumed, reused=reused, removed=removed,
+            resumed=resumed, seconds=time.perf_counter() - start, embed_seconds=embed_seconds,
+            fingerprint=fingerprint, dim=final.dim, path=path,
+        )
+
+    def _checkpoint_parts(self, ckpt_dir: str) -> list[str]:
+        info = self.fs.get_file_info(pafs.FileSelector(ckpt_dir, allow_not_found=True))
+        return sorted(i.path for i in info if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+
+    def _drop_checkpoints(self, dataset: str, model: str) -> None:
+        ckpt_root = f"{self.folder(dataset, model)}/_checkpoints"
+        if self.fs.get_file_info(ckpt_root).type == pafs.FileType.Directory:
+            self.fs.delete_dir(ckpt_root)
+
+
+def _read_parquet(fs: pafs.FileSystem, path: str) -> EmbeddingTable:
+    try:
+        with fs.open_input_file(path) as f:
+            table = pq.read_table(f)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise StorageError(f"embedding file {path} is unreadable ({exc}); delete it and re-run") from None
+    meta = table.schema.metadata or {}
+    emb = table.column("embedding").combine_chunks()
+    dim = emb.type.list_size
+    values = emb.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return EmbeddingTable(
+        image_ids=np.asarray(table.column("image_id").to_pylist(), dtype=object),
+        vectors=values.reshape(len(table), dim),
+        fingerprint=meta.get(EMBEDDING_FINGERPRINT_KEY, b"").decode(),
+    )
+
+
+def _write_parquet(fs: pafs.FileSystem, path: str, table: EmbeddingTable, model: str) -> None:
+    """Write to a temporary name, then rename: a reader never sees a half-written file.
+
+    On object stores a single PUT is already atomic, so the file is written in place.
+    """
+    vectors = np.ascontiguousarray(table.vectors, dtype=np.float32)
+    n, dim = vectors.shape
+    schema = embedding_schema(dim, table.fingerprint, model)
+    flat = pa.array(vectors.reshape(-1), type=pa.float32())
+    arrow = pa.Table.from_arrays(
+        [pa.array(list(table.image_ids), type=pa.string()), pa.FixedSizeListArray.from_arrays(flat, dim)],
+        schema=schema,
+    )
+    parent = path.rsplit("/", 1)[0]
+    try:
+        fs.create_dir(parent, recursive=True)
+        if isinstance(fs, pafs.LocalFileSystem):
+            tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
+            pq.write_table(arrow, tmp, filesystem=fs)
+            os.replace(tmp, path)
+        else:
+            pq.write_table(arrow, path, filesystem=fs)
+    except OSError as exc:
+        raise StorageError(f"cannot write {path}: {exc}; check that the data folder is writable and "
+                           "has free space") from None
