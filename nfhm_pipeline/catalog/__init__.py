@@ -39,7 +39,8 @@ LOADERS = {"raw_pixels", "open_clip", "transformers", "torchvision", "timm"}
 UNCERTAIN_POLICIES = {"ignore", "positive", "negative"}
 PROMPT_SETS = {"generic", "biology", "medical", "digits"}  # nfhm_pipeline.stages.prompts.TEMPLATE_SETS
 _DATASET_FIELDS = {"reader", "labels", "group", "split", "prompts", "description",
-                   "uncertain_policy", "models"}
+                   "uncertain_policy", "models", "umap"}
+DEFAULT_UMAP = {"n_neighbors": [5, 15, 50], "min_dist": [0.1, 0.5], "max_points": 3000}
 _MODEL_FIELDS = {"loader", "description", "build"}
 
 
@@ -72,6 +73,7 @@ class DatasetSpec:
     multilabel: bool = False
     uncertain_policy: str = "ignore"
     models: tuple[str, ...] | None = None  # None: every model of the catalog
+    umap: dict = field(default_factory=lambda: dict(DEFAULT_UMAP))  # grid of the embedding maps
 
     @property
     def finest_label(self) -> str:
@@ -237,7 +239,23 @@ def _parse_dataset(name: Any, entry: Any, path: Path, models: dict[str, ModelSpe
         name=name, reader=reader, params=params, labels=tuple(labels), group=group, split=split,
         prompts=str(entry.get("prompts", "generic")), description=str(entry.get("description", "")),
         multilabel=reader == "chexpert_csv", uncertain_policy=policy, models=model_keys,
+        umap=_parse_umap(entry.get("umap") or {}, where),
     )
+
+
+def _parse_umap(raw: Any, where: str) -> dict:
+    if not isinstance(raw, dict) or set(raw) - set(DEFAULT_UMAP):
+        raise CatalogError(f"{where}: field 'umap' must be a mapping with keys {sorted(DEFAULT_UMAP)}")
+    grid = {**DEFAULT_UMAP, **raw}
+    for key in ("n_neighbors", "min_dist"):
+        values = grid[key]
+        if not isinstance(values, list) or not values or not all(isinstance(v, (int, float)) for v in values):
+            raise CatalogError(f"{where}: field 'umap.{key}' must be a non-empty list of numbers")
+    if not all(isinstance(v, int) and v >= 2 for v in grid["n_neighbors"]):
+        raise CatalogError(f"{where}: field 'umap.n_neighbors' values must be integers ≥ 2")
+    if not isinstance(grid["max_points"], int) or grid["max_points"] < 10:
+        raise CatalogError(f"{where}: field 'umap.max_points' must be an integer ≥ 10")
+    return grid
 
 
 def _parse_split(raw: Any, where: str) -> SplitSettings:

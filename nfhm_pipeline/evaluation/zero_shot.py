@@ -1,0 +1,184 @@
+"""Zero-shot classification with prompt templates and ensembles, and image–text retrieval.
+
+Similarity is cosine (rows L2-normalised, dot product in float64, rounded to 12 decimals so that
+equal cosines tie whatever the floating-point noise). Rankings are deterministic: among equal
+scores the lower index (class, or candidate row) ranks first.
+
+Prompt ensembles (CLIP, MedCLIP): each prompt embedding is normalised, the prompts of a class are
+averaged, and the mean is normalised again. "Single template" scores use the first template only.
+
+Retrieval (MedCLIP Table 4, CLIP_benchmark), for image→text and text→image:
+
+* ``precision`` (P@K): fraction of the top K candidates whose label equals the query's label,
+  averaged over queries.
+* ``recall`` (R@K, CLIP_benchmark convention): 1 if ANY candidate with the query's label is in the
+  top K, else 0, averaged over queries.
+
+When K exceeds the number of candidates it is clipped to that number (``k_effective``), so P@K
+divides by the clipped K. Queries whose label no candidate has count as misses.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from nfhm_pipeline.errors import EvaluationError
+
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a bad photo of a {}.",
+    "a close-up photo of a {}.",
+    "a good photo of a {}.",
+    "an image of a {}.",
+    "{}",
+)
+BIO_TEMPLATES: tuple[str, ...] = (
+    "a photo of {}.",
+    "a photo of the species {}.",
+    "a field photo of {}.",
+    "a close-up photo of {}.",
+    "a museum specimen of {}.",
+    "an image of {}, an organism.",
+)
+MEDICAL_TEMPLATES: tuple[str, ...] = (
+    "a medical image showing {}.",
+    "a radiograph showing {}.",
+    "a microscopy image of {}.",
+    "an image with findings of {}.",
+    "a scan consistent with {}.",
+    "{}",
+)
+
+PRECISION_CONVENTION = "fraction of top-K candidates sharing the query label, mean over queries"
+RECALL_CONVENTION = "CLIP_benchmark: hit if any candidate sharing the query label is in top-K, mean over queries"
+_CHUNK = 1024  # query rows scored at a time, bounds memory to CHUNK x n_candidates floats
+_DECIMALS = 12  # cosine scores are compared at this precision
+
+
+def build_prompts(class_names: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> list[list[str]]:
+    """Prompts [n_classes][n_templates]: each template's single ``{}`` replaced by the class name."""
+    if len(class_names) == 0 or len(templates) == 0:
+        raise EvaluationError(f"Need at least one class name and one template, got {len(class_names)} and {len(templates)}.")
+    bad = [t for t in templates if t.count("{}") != 1]
+    if bad:
+        raise EvaluationError(f"Each template must contain '{{}}' exactly once; these do not: {bad}.")
+    return [[t.replace("{}", str(name)) for t in templates] for name in class_names]
+
+
+def ensemble_class_embeddings(text_emb: np.ndarray) -> np.ndarray:
+    """Class embeddings [C, D] (float64, unit norm) from prompt embeddings [C, T, D]."""
+    text_emb = np.asarray(text_emb, dtype=np.float64)
+    if text_emb.ndim != 3 or 0 in text_emb.shape:
+        raise EvaluationError(f"text embeddings must be [classes, templates, dim] and non-empty, got shape {text_emb.shape}.")
+    c, t, d = text_emb.shape
+    prompts = _unit_rows(text_emb.reshape(c * t, d), "prompt embeddings").reshape(c, t, d)
+    return _unit_rows(prompts.mean(axis=1), "ensembled class embeddings (prompts cancel out)")
+
+
+def zero_shot_predict(image_emb: np.ndarray, class_emb: np.ndarray, k: int = 5) -> np.ndarray:
+    """Class indices [N, min(k, C)] (int64) by decreasing cosine; ties go to the lower index."""
+    if k < 1:
+        raise EvaluationError(f"k must be at least 1, got {k}.")
+    return _top_k(_unit_rows(image_emb, "image embeddings"), _unit_rows(class_emb, "class embeddings"), k)
+
+
+def zero_shot_accuracy(
+    image_emb: np.ndarray,
+    image_labels: np.ndarray,
+    text_emb: np.ndarray,
+    *,
+    ks: Sequence[int] = (1, 5),
+) -> pd.DataFrame:
+    """Top-k accuracy of zero-shot classification, single template vs prompt ensemble.
+
+    ``image_labels``: class index (0..C-1) per image; ``text_emb``: prompt embeddings [C, T, D]
+    with template 0 as the single template. Returns columns prompting ('single_template' |
+    'ensemble'), k, k_effective (= min(k, C)), metric ('top{k}_accuracy'), value, n_images.
+    """
+    if min(ks, default=0) < 1:
+        raise EvaluationError(f"Every k must be at least 1, got {list(ks)}.")
+    text_emb = np.asarray(text_emb, dtype=np.float64)
+    ensemble = ensemble_class_embeddings(text_emb)
+    single = _unit_rows(text_emb[:, 0, :], "first-template embeddings")
+    labels = np.asarray(image_labels)
+    n_classes = ensemble.shape[0]
+    if labels.shape != (len(image_emb),) or not np.issubdtype(labels.dtype, np.integer):
+        raise EvaluationError(f"image_labels must be one integer class index per image, got {labels.dtype} {labels.shape}.")
+    if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
+        raise EvaluationError(f"image_labels must lie in 0..{n_classes - 1} (one per text class); got {labels.min()}..{labels.max()}.")
+    rows = []
+    for prompting, classes in (("single_template", single), ("ensemble", ensemble)):
+        ranking = zero_shot_predict(image_emb, classes, k=max(ks))
+        for k in ks:
+            hit = (ranking[:, :k] == labels[:, None]).any(axis=1)
+            rows.append((prompting, k, min(k, n_classes), f"top{k}_accuracy", float(hit.mean()), len(labels)))
+    return pd.DataFrame(rows, columns=["prompting", "k", "k_effective", "metric", "value", "n_images"])
+
+
+def retrieval_metrics(
+    image_emb: np.ndarray,
+    image_labels: np.ndarray,
+    text_emb: np.ndarray,
+    text_labels: np.ndarray,
+    ks: Sequence[int] = (1, 2, 5, 10),
+) -> pd.DataFrame:
+    """Image→text and text→image Precision@K and Recall@K (conventions in the module docstring).
+
+    Returns columns direction ('image_to_text' | 'text_to_image'), k, k_effective, metric
+    ('precision' | 'recall'), value, convention.
+    """
+    images, texts = _unit_rows(image_emb, "image embeddings"), _unit_rows(text_emb, "text embeddings")
+    if images.shape[1] != texts.shape[1]:
+        raise EvaluationError(f"Image embeddings have dim {images.shape[1]} but text embeddings have dim {texts.shape[1]}.")
+    image_labels, text_labels = np.asarray(image_labels), np.asarray(text_labels)
+    if image_labels.shape != (len(images),) or text_labels.shape != (len(texts),):
+        raise EvaluationError(
+            f"Need one label per row: {len(images)} images / {image_labels.shape} labels, "
+            f"{len(texts)} texts / {text_labels.shape} labels."
+        )
+    if min(ks, default=0) < 1:
+        raise EvaluationError(f"Every K must be at least 1, got {list(ks)}.")
+    rows = []
+    for direction, q, q_lab, c, c_lab in (
+        ("image_to_text", images, image_labels, texts, text_labels),
+        ("text_to_image", texts, text_labels, images, image_labels),
+    ):
+        hits = c_lab[_top_k(q, c, max(ks))] == q_lab[:, None]
+        for k in ks:
+            ke = min(k, len(c))
+            rows.append((direction, k, ke, "precision", float(hits[:, :ke].mean(axis=1).mean()), PRECISION_CONVENTION))
+            rows.append((direction, k, ke, "recall", float(hits[:, :ke].any(axis=1).mean()), RECALL_CONVENTION))
+    return pd.DataFrame(rows, columns=["direction", "k", "k_effective", "metric", "value", "convention"])
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _unit_rows(x: np.ndarray, name: str) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or 0 in x.shape:
+        raise EvaluationError(f"{name} must be a non-empty 2-D array [rows, dim], got shape {x.shape}.")
+    if not np.isfinite(x).all():
+        raise EvaluationError(f"{name}: {int((~np.isfinite(x)).any(axis=1).sum())} row(s) hold NaN or inf.")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    zero = np.flatnonzero(norms[:, 0] == 0)
+    if len(zero):
+        raise EvaluationError(f"{name}: {len(zero)} row(s) have zero norm (first at row {zero[0]}); cosine is undefined.")
+    return x / norms
+
+
+def _top_k(queries: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
+    """Indices [n_queries, min(k, n_candidates)] of the most similar unit-norm candidates."""
+    if queries.shape[1] != candidates.shape[1]:
+        raise EvaluationError(f"Query dim {queries.shape[1]} differs from candidate dim {candidates.shape[1]}.")
+    k = min(k, len(candidates))
+    out = np.empty((len(queries), k), dtype=np.int64)
+    for start in range(0, len(queries), _CHUNK):
+        # Rounding makes mathematically equal cosines (parallel or orthogonal vectors) tie exactly
+        # despite float noise, which would otherwise vary with BLAS and hardware; a stable sort
+        # of the negated scores then keeps the lower index first among ties.
+        sims = np.round(queries[start : start + _CHUNK] @ candidates.T, _DECIMALS)
+        out[start : start + _CHUNK] = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return out

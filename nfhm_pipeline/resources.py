@@ -1,0 +1,95 @@
+"""Dagster resources: where things are stored and which device embeds.
+
+Both are typed ``ConfigurableResource`` classes given once in ``Definitions``;
+machine-specific values come from environment variables resolved at run start.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import dagster as dg
+
+from nfhm_pipeline.errors import StorageError
+from nfhm_pipeline.store.embedding_store import EmbeddingStore
+
+
+def default_data_dir() -> str:
+    return os.environ.get("NFHM_DATA_DIR") or str(Path.cwd() / "data")
+
+
+class NfhmStorage(dg.ConfigurableResource):
+    """Every output lives under ``data_dir``; the embedding lake may live elsewhere (a URI)."""
+
+    data_dir: str
+    storage_root: str | None = None  # lake root; default <data_dir>/lake
+
+    @property
+    def data_path(self) -> Path:
+        path = Path(self.data_dir).expanduser().resolve()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create NFHM_DATA_DIR {path}: {exc.strerror}; "
+                               "point NFHM_DATA_DIR at a writable folder") from None
+        if not os.access(path, os.W_OK):
+            raise StorageError(f"NFHM_DATA_DIR {path} is not writable; point NFHM_DATA_DIR at a writable folder")
+        return path
+
+    @property
+    def lake_root(self) -> str:
+        return self.storage_root or str(self.data_path / "lake")
+
+    @property
+    def lake(self) -> EmbeddingStore:
+        return EmbeddingStore(self.lake_root)
+
+    @property
+    def warehouse_path(self) -> Path:
+        return self.data_path / "warehouse.duckdb"
+
+    def subdir(self, *parts: str) -> Path:
+        path = self.data_path.joinpath(*parts)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+class TorchDevice(dg.ConfigurableResource):
+    """Which device embeds, with what precision and batching.
+
+    ``device='auto'`` picks cuda → mps → cpu. Normalisation and autocast run on the device.
+    """
+
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    batch_size: int = 64
+    num_workers: int = 2
+
+    def resolve(self) -> str:
+        import torch
+
+        if self.device != "auto":
+            if self.device == "cuda" and not torch.cuda.is_available():
+                raise StorageError("TorchDevice.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+            return self.device
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+
+
+def default_resources() -> dict:
+    return {
+        "storage": NfhmStorage(
+            data_dir=dg.EnvVar("NFHM_DATA_DIR") if os.environ.get("NFHM_DATA_DIR") else default_data_dir(),
+            storage_root=dg.EnvVar("NFHM_STORAGE_ROOT") if os.environ.get("NFHM_STORAGE_ROOT") else None,
+        ),
+        "torch_device": TorchDevice(
+            device=os.environ.get("NFHM_DEVICE", "auto"),  # type: ignore[arg-type]
+            precision=os.environ.get("NFHM_PRECISION", "fp32"),  # type: ignore[arg-type]
+            batch_size=int(os.environ.get("NFHM_BATCH_SIZE", "64")),
+            num_workers=int(os.environ.get("NFHM_LOADER_WORKERS", "2")),
+        ),
+    }

@@ -1,0 +1,64 @@
+"""The whole demo catalog materialized through a real Dagster instance, offline.
+
+One module-scoped run (the demo datasets × both self-built models) serves several
+assertions, because materializing is the slow part.
+"""
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from nfhm_pipeline.catalog import load_catalog
+from nfhm_pipeline.definitions import build_definitions
+from nfhm_pipeline.store import warehouse
+
+
+def test_definitions_load_and_validate():
+    defs = build_definitions(load_catalog("demo"))
+    dg.Definitions.validate_loadable(defs)
+    keys = {k.to_user_string() for a in defs.assets for k in a.keys}
+    assert {"demo_shapes/image_manifest", "demo_shapes/image_embeddings", "digits/knn_metrics"} <= keys
+
+
+def test_demo_catalog_materializes_without_failures(demo_run):
+    _, outcome, _ = demo_run
+    assert outcome.failed == {}
+
+
+def test_manifest_lands_in_parquet_and_warehouse(demo_run):
+    data_dir, _, _ = demo_run
+    images = warehouse.read_table(data_dir / "warehouse.duckdb", "images", dataset="demo_shapes")
+    assert len(images) == 216 and images["image_id"].is_unique
+    assert (data_dir / "manifests" / "demo_shapes.parquet").exists()
+
+
+def test_every_model_partition_has_embeddings_and_metrics(demo_run):
+    data_dir, _, _ = demo_run
+    m = warehouse.read_table(data_dir / "warehouse.duckdb", "metrics")
+    for ds in ("demo_shapes", "digits"):
+        assert set(m.loc[(m["dataset"] == ds) & (m["task"] == "knn"), "model"]) == {"raw-pixels", "tiny-clip"}
+
+
+def test_raw_pixels_on_digits_reach_the_known_nearest_neighbour_accuracy(demo_run):
+    data_dir, _, _ = demo_run
+    value = warehouse.query(
+        data_dir / "warehouse.duckdb",
+        "SELECT value FROM metrics WHERE dataset='digits' AND model='raw-pixels' AND task='knn' "
+        "AND level='label' AND grp='all' AND metric='top1_cosine'")["value"][0]
+    assert value >= 0.95
+
+
+def test_text_tower_model_gets_zero_shot_metrics_and_baseline_does_not(demo_run):
+    data_dir, _, _ = demo_run
+    zs = warehouse.query(data_dir / "warehouse.duckdb",
+                         "SELECT DISTINCT model FROM metrics WHERE task = 'zero_shot'")
+    assert set(zs["model"]) == {"tiny-clip"}
+
+
+def test_checks_passed(demo_run):
+    _, _, instance = demo_run
+    from dagster import AssetCheckKey
+
+    key = AssetCheckKey(dg.AssetKey(["demo_shapes", "image_manifest"]), "image_ids_unique")
+    record = instance.event_log_storage.get_latest_asset_check_execution_by_key([key])[key]
+    assert record.status.value == "SUCCEEDED"
