@@ -62,3 +62,67 @@ def test_checks_passed(demo_run):
     key = AssetCheckKey(dg.AssetKey(["demo_shapes", "image_manifest"]), "image_ids_unique")
     record = instance.event_log_storage.get_latest_asset_check_execution_by_key([key])[key]
     assert record.status.value == "SUCCEEDED"
+
+
+def test_workspace_loads_with_the_dagster_cli():
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    done = subprocess.run([str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_model_comparison_writes_charts_and_a_self_contained_html_report(demo_run):
+    data_dir, _, _ = demo_run
+    report_dir = data_dir / "reports" / "demo_shapes"
+    assert (report_dir / "knn_cosine_species.png").exists()
+    assert (report_dir / "confusion_species.png").exists()
+    html = (report_dir / "demo_shapes_report.html").read_text(encoding="utf-8")
+    assert "data:image/png;base64," in html and 'src="http' not in html
+
+
+def test_embedding_maps_are_drawn_per_model_and_level(demo_run):
+    data_dir, _, _ = demo_run
+    maps = data_dir / "reports" / "demo_shapes" / "maps"
+    assert {p.name for p in maps.glob("*.png")} >= {f"umap_{m}_{lvl}.png" for m in ("raw-pixels", "tiny-clip")
+                                                    for lvl in ("species", "genus", "family")}
+
+
+SMALL_CATALOG = """
+datasets:
+  shapes:
+    reader: demo_shapes
+    images_per_species: 2
+    size: 32
+    labels: [species, genus, family]
+    group: taxa
+models:
+  raw-pixels:
+    loader: raw_pixels
+    size: 8
+  bioclip:
+    loader: open_clip
+    model: hf-hub:imageomics/bioclip
+"""
+
+
+def test_missing_weights_fail_only_their_own_partition_with_a_clear_message(tmp_path, monkeypatch):
+    from conftest import local_resources
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    (tmp_path / "cat.yaml").write_text(SMALL_CATALOG)
+    from nfhm_pipeline.runner import materialize_catalog
+
+    with dg.instance_for_test() as instance:
+        outcome = materialize_catalog(load_catalog(tmp_path / "cat.yaml"), instance=instance,
+                                      resources=local_resources(tmp_path / "data"), log=lambda *_: None)
+    assert set(outcome.failed) == {"shapes/[bioclip]"}
+    message = outcome.failed["shapes/[bioclip]"]
+    assert "imageomics/bioclip" in message and "MissingWeightsError" in message
+    assert "Traceback" not in message
+    m = warehouse.read_table(tmp_path / "data" / "warehouse.duckdb", "metrics")
+    assert set(m["model"]) == {"raw-pixels"}
