@@ -83,3 +83,10 @@ def test_env_references_in_paths_are_expanded(tmp_path, monkeypatch):
 def test_hub_ids_are_not_treated_as_paths():
     model = load_catalog("vlm4bio").models["arborclip"]
     assert model.params["state_dict"].startswith("hf-hub:ChihHsuan-Yang/ArborCLIP/")
+
+
+def test_a_model_field_its_loader_does_not_read_is_refused(tmp_path):
+    # `size` instead of `image_size` used to be silently ignored.
+    path = write(tmp_path, GOOD.replace("loader: raw_pixels", "loader: raw_pixels\n    size: 8"))
+    with pytest.raises(CatalogError, match=r"'raw-pixels'.*\['size'\].*image_size"):
+        load_catalog(path)

@@ -102,7 +102,7 @@ datasets:
 models:
   raw-pixels:
     loader: raw_pixels
-    size: 8
+    image_size: 8
   bioclip:
     loader: open_clip
     model: hf-hub:imageomics/bioclip

@@ -13,9 +13,15 @@ from nfhm_pipeline.store import warehouse
 METRIC_STAGES = ("knn_metrics", "linear_probe_metrics", "zero_shot_metrics")
 
 
+def auc_stages(spec: DatasetSpec) -> tuple[str, ...]:
+    from nfhm_pipeline.stages.multilabel import evaluates_auc
+
+    return ("multilabel_metrics", "alignment_head") if evaluates_auc(spec) else ()
+
+
 def comparison_asset(spec: DatasetSpec) -> dg.AssetsDefinition:
     @dg.asset(key=[spec.name, "model_comparison"], group_name=spec.name, kinds={"duckdb", "html"},
-              deps=[dg.AssetKey([spec.name, s]) for s in METRIC_STAGES],
+              deps=[dg.AssetKey([spec.name, s]) for s in METRIC_STAGES + auc_stages(spec)],
               automation_condition=dg.AutomationCondition.on_cron("0 6 * * *"),
               description="Every model's results side by side: the seed's grouped bar charts per rule and level, "
                           "confusion matrix of the best model, probe and zero-shot tables, embedding speed, a "

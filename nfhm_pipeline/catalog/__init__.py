@@ -35,7 +35,16 @@ READERS: dict[str, set[str]] = {
     "medmnist_npz": {"npz", "class_names"},
     "chexpert_csv": {"csv", "path_column", "image_root", "findings"},
 }
-LOADERS = {"raw_pixels", "open_clip", "transformers", "torchvision", "timm"}
+_PREPROCESS_KEYS = {"image_size", "resize", "resize_size", "interpolation", "mean", "std"}
+# Keys each loader reads (nfhm_pipeline/embedders/*: each loader module documents them).
+LOADER_KEYS: dict[str, set[str]] = {
+    "raw_pixels": {"image_size", "resize", "interpolation"},
+    "open_clip": {"model", "base", "pretrained", "weights", "state_dict", "seed"},
+    "transformers": {"model", "weights", "revision", "pooling", "trust_remote_code"},
+    "torchvision": {"model", "pretrained", "weights", "num_classes"} | _PREPROCESS_KEYS,
+    "timm": {"model", "pretrained", "weights", "num_classes"} | _PREPROCESS_KEYS,
+}
+LOADERS = set(LOADER_KEYS)
 UNCERTAIN_POLICIES = {"ignore", "positive", "negative"}
 PROMPT_SETS = {"generic", "biology", "medical", "digits"}  # nfhm_pipeline.stages.prompts.TEMPLATE_SETS
 _DATASET_FIELDS = {"reader", "labels", "group", "split", "prompts", "description",
@@ -181,6 +190,10 @@ def _parse_model(key: Any, entry: Any, path: Path) -> ModelSpec:
     loader = entry.get("loader")
     if loader not in LOADERS:
         raise CatalogError(f"{where}: field 'loader' is {loader!r}; expected one of {sorted(LOADERS)}")
+    unknown = set(entry) - _MODEL_FIELDS - {"loader"} - LOADER_KEYS[loader]
+    if unknown:
+        raise CatalogError(f"{where}: unknown field(s) {sorted(unknown)} for loader {loader!r}; "
+                           f"allowed: {sorted(LOADER_KEYS[loader] | _MODEL_FIELDS)}")
     build = entry.get("build")
     # Weights the project builds itself live under NFHM_DATA_DIR: keep their paths relative.
     params = {k: (v if build else _expand_paths(k, v, path))

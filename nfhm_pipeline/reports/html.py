@@ -77,11 +77,14 @@ def write_html_report(
     summary_markdown: str,
     tables: Mapping[str, pd.DataFrame],
     images: Mapping[str, str | os.PathLike],
+    html_sections: Mapping[str, str] | None = None,
 ) -> Path:
     """Write one self-contained HTML file at `path` (atomically) and return the path.
 
     Order: title, summary (markdown rendered), each table under its name as a heading, each image
-    (embedded as a base64 data URI) under its name. No external URL is referenced.
+    (embedded as a base64 data URI) under its name. ``html_sections`` are trusted HTML fragments
+    made by this project (e.g. the coloured AUC difference tables), each under its name.
+    No external URL is referenced.
     Raises StorageError when an image cannot be read or the file cannot be written.
     """
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -95,6 +98,9 @@ def write_html_report(
     for name, table in tables.items():
         parts.append(f"<h2>{html.escape(name)}</h2>")
         parts.append(table.to_html(border=0, na_rep="—", escape=True))
+    for name, fragment in (html_sections or {}).items():
+        parts.append(f"<h2>{html.escape(name)}</h2>")
+        parts.append(fragment)
     if images:
         parts.append("<h2>Charts</h2>")
         parts += [_image_tag(name, Path(p)) for name, p in images.items()]

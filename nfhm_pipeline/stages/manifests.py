@@ -38,6 +38,12 @@ def reader_params(spec: DatasetSpec, sources_dir: Path) -> dict:
         return {"root": p.pop("root"), "label_column": spec.finest_label}
     if spec.reader == "medmnist_npz":
         return {"npz_path": p.pop("npz"), "out_dir": out_dir, "label_column": spec.finest_label, **p}
+    if spec.reader == "chexpert_csv":
+        from nfhm_pipeline.stages.multilabel import finding_columns
+
+        p.pop("findings", None)
+        return {"csv_path": p.pop("csv"), "label_columns": spec.labels, "findings": finding_columns(spec),
+                "group_column": spec.group, **p}
     raise NotImplementedError(spec.reader)
 
 
@@ -46,9 +52,18 @@ def build_manifest(spec: DatasetSpec, sources_dir: str | os.PathLike, *, max_pix
 
     Bad images land in ``rejected`` with a reason; good rows are never dropped because of them.
     """
-    candidates = read_source(spec.reader, **reader_params(spec, Path(sources_dir)))
+    label_columns = list(spec.labels)
+    if spec.reader == "chexpert_csv":
+        # Findings ride along as extra label columns ('1'/'0'/'-1'/None strings); stages.multilabel
+        # parses them back. The first label column is the derived stratum the split uses.
+        from nfhm_pipeline.stages.multilabel import chexpert_candidates, finding_columns
+
+        candidates = chexpert_candidates(**reader_params(spec, Path(sources_dir)))
+        label_columns += finding_columns(spec)
+    else:
+        candidates = read_source(spec.reader, **reader_params(spec, Path(sources_dir)))
     kwargs = {"max_pixels": max_pixels} if max_pixels else {}
-    manifest, rejected = validate_images(candidates, spec.labels, workers=min(8, (os.cpu_count() or 2) * 2), **kwargs)
+    manifest, rejected = validate_images(candidates, label_columns, workers=min(8, (os.cpu_count() or 2) * 2), **kwargs)
     return ManifestBuild(manifest=manifest, rejected=rejected)
 
 

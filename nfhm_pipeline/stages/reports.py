@@ -20,6 +20,7 @@ class ComparisonReport:
     images: dict[str, Path] = field(default_factory=dict)
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     html: Path | None = None
+    html_sections: dict[str, str] = field(default_factory=dict)
 
 
 def best_model(metrics: pd.DataFrame, level: str) -> str | None:
@@ -68,10 +69,30 @@ def build_comparison(dataset: str, levels, metrics: pd.DataFrame, runs: pd.DataF
             report.tables[title] = probe_table(metrics, task=task, metric="cv_accuracy").reset_index()
     if (metrics["task"] == "zero_shot").any():
         report.tables["zero-shot accuracy"] = zero_shot_table(metrics).reset_index()
+    add_auc_comparisons(report, metrics)
     report.html = write_html_report(out_dir / f"{dataset}_report.html", dataset=dataset,
                                     summary_markdown=report.summary_markdown, tables=report.tables,
-                                    images=report.images)
+                                    images=report.images, html_sections=report.html_sections)
     return report
+
+
+def add_auc_comparisons(report: ComparisonReport, metrics: pd.DataFrame) -> None:
+    """Seed 003's per-label AUC difference tables (green better / red worse beyond 0.5 points):
+    every model's probe against the first baseline, and each alignment head against zero-shot."""
+    from nfhm_pipeline.stages.multilabel import PROBE_TASK, auc_difference_report
+
+    probe_models = sorted(metrics.loc[metrics["task"] == PROBE_TASK, "model"].unique())
+    if len(probe_models) > 1:
+        base = "raw-pixels" if "raw-pixels" in probe_models else probe_models[0]
+        for other in (m for m in probe_models if m != base):
+            table, fragment = auc_difference_report(metrics, base, other)
+            report.tables[f"probe AUC: {other} vs {base}"] = table
+            report.html_sections[f"probe AUC difference: {other} vs {base}"] = fragment
+    for model in sorted(metrics.loc[metrics["task"] == "alignment_head", "model"].unique()):
+        table, fragment = auc_difference_report(metrics, model, model, task="multilabel_zero_shot",
+                                                task_b="alignment_head")
+        report.tables[f"alignment head vs zero-shot AUC: {model}"] = table
+        report.html_sections[f"alignment head vs zero-shot AUC: {model}"] = fragment
 
 
 def latest_only(frame: pd.DataFrame, keys, order_by: str) -> pd.DataFrame:

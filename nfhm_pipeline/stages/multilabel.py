@@ -1,0 +1,419 @@
+"""Stage 3b: per-label ROC AUC (multi-label findings, or one-vs-rest classes) and alignment heads.
+
+Two kinds of dataset take this path (`evaluates_auc`):
+
+* **multi-label** (reader ``chexpert_csv``): one manifest column per finding holding the strings
+  ``'1'``, ``'0'``, ``'-1'`` or null (CheXpert's 1.0 / 0.0 / -1.0 / empty), turned into targets by
+  the dataset's ``uncertain_policy`` (empty always counts as negative, the CheXpert convention);
+* **one-vs-rest** (single-label datasets whose ``prompts`` is ``medical``): one binary target per
+  class of the finest label level.
+
+The label decision is recorded in every warehouse row through the ``level`` column:
+``findings[uncertain=<policy>,missing=negative]`` or ``<label level>[one_vs_rest]``. Metric
+names: ``auc:<label>``, ``n_pos:<label>``, ``n_neg:<label>`` (counted test entries),
+``n_train:<label>`` (probe only), ``macro_auc``, ``micro_auc``, ``n_labels_defined``; ``grp`` is
+``all``. Tasks: ``multilabel_probe``, ``multilabel_zero_shot``, ``alignment_head``.
+Everything is scored on the test rows of the dataset's shared split.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from nfhm_pipeline.catalog import DatasetSpec
+from nfhm_pipeline.errors import CatalogError, EvaluationError, ManifestError
+from nfhm_pipeline.stages.evaluation import ALL, EvalTables
+
+PROBE_TASK = "multilabel_probe"
+ZERO_SHOT_TASK = "multilabel_zero_shot"
+ALIGNMENT_TASK = "alignment_head"
+MULTILABEL_TASKS = (PROBE_TASK, ZERO_SHOT_TASK)
+MISSING_POLICY = "negative"  # CheXpert: a finding the report does not mention is absent
+NO_POSITIVE_STRATUM = "none"
+RARE_STRATUM = "other"
+_FINDING_VALUES = {"1": 1.0, "0": 0.0, "-1": -1.0}
+_RESERVED_COLUMNS = {"image_id", "uri", "width", "height", "mode", "group", "official_split", "source_row",
+                     "reject_reason", "split", "fold"}
+
+
+# --- manifest side: CheXpert CSV → candidates ----------------------------------------------------
+
+def evaluates_auc(spec: DatasetSpec) -> bool:
+    """True for datasets that get ``multilabel_metrics`` and ``alignment_head``: multi-label ones and
+    single-label ones with medical prompts (evaluated one-vs-rest)."""
+    return spec.multilabel or spec.prompts == "medical"
+
+
+def finding_columns(spec: DatasetSpec) -> list[str]:
+    """The finding columns of a multi-label dataset: the catalog's ``findings`` list, default the 14
+    CheXpert findings. Empty for single-label datasets."""
+    from nfhm_pipeline.ingest.chexpert import CHEXPERT_FINDINGS
+
+    if not spec.multilabel:
+        return []
+    findings = spec.params.get("findings", list(CHEXPERT_FINDINGS))
+    where = f"dataset {spec.name!r}: field 'findings'"
+    if not isinstance(findings, list) or not findings or not all(isinstance(f, str) and f.strip() for f in findings):
+        raise CatalogError(f"{where} must be a non-empty list of CSV column names, got {findings!r}")
+    if len(set(findings)) != len(findings):
+        raise CatalogError(f"{where} lists a column twice: {findings}")
+    clash = sorted(set(findings) & (_RESERVED_COLUMNS | set(spec.labels)))
+    if clash:
+        raise CatalogError(f"{where} uses reserved manifest column name(s) {clash}; rename the CSV column(s) "
+                           f"or the dataset's 'labels' entry")
+    return list(findings)
+
+
+def first_positive_strata(values: np.ndarray, findings: Sequence[str]) -> list[str]:
+    """A stratum per image for the split: the first finding (catalog order) marked 1.0, else
+    ``'none'``. Strata holding one image are merged into ``'other'``; if ``'other'`` then holds one
+    image it joins the most frequent stratum (ties: the name that sorts first). Uncertain labels
+    do not count, so the split does not depend on the uncertain-label policy.
+
+    values float [N, F] in {1, 0, -1, NaN}. Returns N strings.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    strata = []
+    for row in values:
+        hits = np.flatnonzero(row == 1.0)
+        strata.append(str(findings[hits[0]]) if len(hits) else NO_POSITIVE_STRATUM)
+    counts = pd.Series(strata).value_counts()
+    strata = [RARE_STRATUM if counts[s] == 1 else s for s in strata]
+    counts = pd.Series(strata).value_counts()
+    if counts.get(RARE_STRATUM, 0) == 1:
+        largest = counts.drop(RARE_STRATUM)
+        if len(largest):
+            top = sorted(largest[largest == largest.max()].index)[0]
+            strata = [top if s == RARE_STRATUM else s for s in strata]
+    return strata
+
+
+def chexpert_candidates(
+    csv_path, *, label_columns: Sequence[str], findings: Sequence[str] | None = None, path_column: str = "Path",
+    image_root=None, group_column: str | None = None,
+) -> pd.DataFrame:
+    """Candidates (see ``nfhm_pipeline.ingest.readers``) from a CheXpert-style CSV.
+
+    ``label_columns`` must be one name: that column holds `first_positive_strata` (the split is
+    stratified by it). Each finding becomes a column of strings ``'1'``, ``'0'``, ``'-1'`` or None
+    (empty), which ``validate_images`` keeps as they are. ``group_column`` (e.g. a patient id)
+    is read from the same CSV. ``source_row`` is the CSV line (header = line 1).
+    """
+    from nfhm_pipeline.ingest.chexpert import CHEXPERT_FINDINGS, read_chexpert_csv
+
+    label_columns = list(label_columns)
+    if len(label_columns) != 1:
+        raise ManifestError(f"{csv_path}: a chexpert_csv dataset takes one entry in 'labels' (the derived "
+                            f"stratum column, e.g. [label]), got {label_columns}")
+    findings = list(CHEXPERT_FINDINGS if findings is None else findings)
+    rows = read_chexpert_csv(csv_path, path_column=path_column, findings=findings, image_root=image_root)
+    values = rows[findings].to_numpy(dtype=np.float64)
+    out = pd.DataFrame({"uri": rows["uri"], label_columns[0]: first_positive_strata(values, findings)})
+    for j, name in enumerate(findings):
+        out[name] = [None if np.isnan(v) else str(int(v)) for v in values[:, j]]
+    out["group"] = None
+    if group_column:
+        raw = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        if group_column not in raw.columns:
+            raise ManifestError(f"{csv_path}: group column {group_column!r} is missing (columns present: "
+                                f"{', '.join(raw.columns)}); fix the dataset's 'group' field")
+        out["group"] = [g.strip() or None for g in raw[group_column]]
+    out["official_split"] = None
+    out["source_row"] = rows["source_row"].to_numpy() + 1
+    out["reject_reason"] = None
+    return out
+
+
+def parse_finding_values(frame: pd.DataFrame, findings: Sequence[str]) -> np.ndarray:
+    """Manifest finding columns (strings '1', '0', '-1', null) → float64 [N, F] in {1, 0, -1, NaN}."""
+    out = np.full((len(frame), len(findings)), np.nan)
+    for j, name in enumerate(findings):
+        if name not in frame.columns:
+            raise ManifestError(f"manifest has no finding column {name!r}: materialize image_manifest again "
+                                "(the catalog's findings changed since)")
+        column = frame[name].astype(object)
+        bad = ~(column.isna() | column.isin(list(_FINDING_VALUES)))
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise ManifestError(f"manifest row {i}, finding {name!r}: value {column.iloc[i]!r} is not '1', '0', "
+                                "'-1' or empty; materialize image_manifest again")
+        out[:, j] = column.map(_FINDING_VALUES).to_numpy(dtype=np.float64, na_value=np.nan)
+    return out
+
+
+def attach_findings(frame: pd.DataFrame, manifest: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
+    """``frame`` (from `evaluation_frame`) with the manifest's finding columns added, row order kept."""
+    findings = finding_columns(spec)
+    if not findings:
+        return frame
+    missing = [f for f in findings if f not in manifest.columns]
+    if missing:
+        raise ManifestError(f"the manifest of {spec.name!r} has no finding column(s) {missing}: materialize "
+                            f"{spec.name}/image_manifest again (the catalog's findings changed since)")
+    return frame.drop(columns=[f for f in findings if f in frame.columns]).merge(
+        manifest[["image_id", *findings]], on="image_id", how="left", validate="many_to_one")
+
+
+# --- targets and label texts -----------------------------------------------------------------------
+
+@dataclass
+class AucTargets:
+    """Binary targets for the rows of an evaluation frame.
+
+    names: F label names (findings or classes); y int8 [N, F] in {0, 1}; mask bool [N, F] (True
+    where the entry counts); level: the warehouse ``level`` value naming the label decision;
+    kind: 'multilabel' | 'one_vs_rest'.
+    """
+
+    names: list[str]
+    y: np.ndarray
+    mask: np.ndarray
+    level: str
+    kind: str
+
+
+def policy_level(policy: str) -> str:
+    """The warehouse ``level`` of a multi-label result, e.g. ``findings[uncertain=ignore,missing=negative]``."""
+    return f"findings[uncertain={policy},missing={MISSING_POLICY}]"
+
+
+def auc_targets(spec: DatasetSpec, frame: pd.DataFrame) -> AucTargets:
+    """Targets for ``frame`` (rows of the split, with the manifest's label/finding columns).
+
+    Multi-label: `apply_uncertain_policy` with the dataset's ``uncertain_policy``. Single-label:
+    one-vs-rest over the sorted classes of the finest level (`binary_targets_from_labels`).
+    """
+    from nfhm_pipeline.ingest.chexpert import apply_uncertain_policy, binary_targets_from_labels
+
+    if spec.multilabel:
+        findings = finding_columns(spec)
+        y, mask = apply_uncertain_policy(parse_finding_values(frame, findings), spec.uncertain_policy, MISSING_POLICY)
+        return AucTargets(findings, y, mask, policy_level(spec.uncertain_policy), "multilabel")
+    labels = frame[spec.finest_label].astype(str).to_numpy()
+    y, mask, classes = binary_targets_from_labels(labels)
+    return AucTargets([str(c) for c in classes], y, mask, f"{spec.finest_label}[one_vs_rest]", "one_vs_rest")
+
+
+def label_prompts(spec: DatasetSpec, targets: AucTargets) -> tuple[list[str], list[str] | None]:
+    """(positive prompts [F], negative prompts [F] or None).
+
+    Multi-label: `prompt_pair` per finding ("chest x-ray showing x" / "chest x-ray with no x").
+    One-vs-rest: the first template of the dataset's prompt set per class, and None: the negative
+    of a class is then the mean of the other classes' prompts (text towers handle "no x" poorly,
+    and the other classes are exactly what the image is when it is not x).
+    """
+    from nfhm_pipeline.evaluation.multilabel import prompt_pair
+    from nfhm_pipeline.stages.prompts import templates_for
+
+    if targets.kind == "multilabel":
+        pairs = [prompt_pair(name) for name in targets.names]
+        return [p for p, _ in pairs], [n for _, n in pairs]
+    template = templates_for(spec.prompts)[0]
+    return [template.replace("{}", name) for name in targets.names], None
+
+
+@dataclass
+class LabelTexts:
+    """Prompt texts and their text-tower embeddings: positive [F, D] and negative [F, D]."""
+
+    positive: list[str]
+    negative: list[str]  # for one-vs-rest: "mean of the other classes' prompts"
+    positive_emb: np.ndarray
+    negative_emb: np.ndarray
+
+
+def embed_label_texts(embedder, spec: DatasetSpec, targets: AucTargets) -> LabelTexts | None:
+    """Embed the label prompts with the model's text tower; None for vision-only models."""
+    if not getattr(embedder, "has_text_tower", False):
+        return None
+    positive, negative = label_prompts(spec, targets)
+    texts = positive + (negative or [])
+    emb = np.asarray(embedder.embed_texts(texts), dtype=np.float64)
+    pos = emb[:len(positive)]
+    if negative is not None:
+        neg = emb[len(positive):]
+    else:
+        if len(positive) < 2:
+            raise EvaluationError(f"dataset {spec.name!r}: one-vs-rest zero-shot needs at least two classes")
+        unit = pos / np.linalg.norm(pos, axis=1, keepdims=True)
+        neg = (unit.sum(axis=0, keepdims=True) - unit) / (len(positive) - 1)
+        negative = [f"mean of the other {len(positive) - 1} class prompt(s)"] * len(positive)
+    return LabelTexts(positive, negative, pos.astype(np.float32), neg.astype(np.float32))
+
+
+# --- metric tables ---------------------------------------------------------------------------------
+
+def auc_summary(y, mask, scores) -> dict[str, float]:
+    """macro_auc (mean of the defined per-label AUCs), micro_auc (pooled over labels with scores) and
+    n_labels_defined; labels whose scores are NaN (a skipped probe) are left out of both."""
+    from nfhm_pipeline.evaluation.multilabel import macro_micro_auc
+
+    scores = np.asarray(scores, dtype=np.float64)
+    scored = ~np.all(np.isnan(scores), axis=0)
+    if not scored.any():
+        return {"macro_auc": np.nan, "micro_auc": np.nan, "n_labels_defined": 0}
+    return macro_micro_auc(np.asarray(y)[:, scored], np.asarray(mask)[:, scored], scores[:, scored])
+
+
+def auc_metric_rows(table: pd.DataFrame, summary: dict, *, task: str, level: str, n_images: int) -> pd.DataFrame:
+    """Long ``metrics`` rows (task, level, grp, metric, value, std, n) from a per-label AUC table
+    (label, auc, n_pos, n_neg[, n_train]) and its `auc_summary`."""
+    rows = []
+    for r in table.itertuples(index=False):
+        counted = int(r.n_pos + r.n_neg)
+        rows += [(f"auc:{r.label}", r.auc, counted), (f"n_pos:{r.label}", float(r.n_pos), counted),
+                 (f"n_neg:{r.label}", float(r.n_neg), counted)]
+        if "n_train" in table.columns:
+            rows.append((f"n_train:{r.label}", float(r.n_train), int(r.n_train)))
+    rows += [("macro_auc", summary["macro_auc"], n_images), ("micro_auc", summary["micro_auc"], n_images),
+             ("n_labels_defined", float(summary["n_labels_defined"]), n_images)]
+    frame = pd.DataFrame(rows, columns=["metric", "value", "n"])
+    return frame.assign(task=task, level=level, grp=ALL, std=np.nan)[
+        ["task", "level", "grp", "metric", "value", "std", "n"]]
+
+
+@dataclass
+class AucResult:
+    """What one AUC stage produced: warehouse tables plus the per-label AUC table of each task."""
+
+    tables: EvalTables = field(default_factory=EvalTables)
+    per_label: dict[str, pd.DataFrame] = field(default_factory=dict)  # task → label, auc, n_pos, n_neg, ...
+    summary: dict[str, dict] = field(default_factory=dict)  # task → auc_summary
+
+    def add(self, task: str, level: str, table: pd.DataFrame, summary: dict, n_images: int) -> None:
+        self.per_label[task] = table
+        self.summary[task] = summary
+        self.tables.metrics.append(auc_metric_rows(table, summary, task=task, level=level, n_images=n_images))
+        for r in table.itertuples(index=False):
+            if r.reason is not None and not pd.isna(r.reason):
+                self.tables.skipped.append(f"{task}/{r.label}: {r.reason}")
+
+
+def _split_rows(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    train = (frame["split"] == "train").to_numpy()
+    test = (frame["split"] == "test").to_numpy()
+    if not train.any() or not test.any():
+        raise EvaluationError(f"the split has {int(train.sum())} train and {int(test.sum())} test images; "
+                              "AUC needs both: check the dataset's split settings")
+    return train, test
+
+
+def multilabel_tables(frame: pd.DataFrame, vectors: np.ndarray, targets: AucTargets, *, seed: int,
+                      text: LabelTexts | None = None) -> AucResult:
+    """One-vs-rest logistic probe (fit on the split's train rows, each label on its counted rows)
+    and, with `text`, zero-shot from the positive/negative prompt pair; both scored by ROC AUC per
+    label on the test rows. ``frame`` rows align with ``vectors`` [N, D] and the targets."""
+    from nfhm_pipeline.evaluation.multilabel import multilabel_probe, zero_shot_auc
+
+    train, test = _split_rows(frame)
+    y, m, names = targets.y, targets.mask, targets.names
+    out = AucResult()
+    scores, table = multilabel_probe(vectors[train], y[train], m[train], vectors[test], y[test], m[test],
+                                     label_names=names, seed=seed)
+    out.add(PROBE_TASK, targets.level, table, auc_summary(y[test], m[test], scores), int(test.sum()))
+    if text is not None:
+        table = zero_shot_auc(vectors[test], text.positive_emb, text.negative_emb, y[test], m[test], names)
+        margin = cosine_margin(vectors[test], text.positive_emb, text.negative_emb)
+        out.add(ZERO_SHOT_TASK, targets.level, table, auc_summary(y[test], m[test], margin), int(test.sum()))
+    else:
+        out.tables.skipped.append(f"{ZERO_SHOT_TASK}: the model has no text tower")
+    return out
+
+
+def cosine_margin(image_emb, pos_text_emb, neg_text_emb) -> np.ndarray:
+    """cos(image, positive prompt) - cos(image, negative prompt), float64 [N, F].
+
+    The zero-shot P(positive) = sigmoid(T * margin) with one T for every label, so the margin
+    ranks images exactly as the probability does, also when pooled across labels (micro AUC), and
+    without the ties a saturated sigmoid would create.
+    """
+    def unit(a):
+        a = np.asarray(a, dtype=np.float64)
+        return a / np.linalg.norm(a, axis=-1, keepdims=True)
+
+    v = unit(image_emb)
+    return v @ unit(pos_text_emb).T - v @ unit(neg_text_emb).T
+
+
+@dataclass
+class AlignmentResult:
+    head: object  # nfhm_pipeline.evaluation.alignment.AlignmentHead
+    auc: AucResult
+    comparison: pd.DataFrame  # auc_difference_table(zero-shot, alignment head): label, auc_a, auc_b, diff, mark
+
+
+def alignment_tables(frame: pd.DataFrame, vectors: np.ndarray, targets: AucTargets, text: LabelTexts, *,
+                     seed: int, device: str = "cpu", epochs: int = 30) -> AlignmentResult:
+    """Train an alignment head (semantic-matching loss) on the train rows' image embeddings against
+    the positive label prompts, score the test rows by cosine to each label text, and compare the
+    per-label AUC with the zero-shot AUC of the same prompts (diff = head − zero-shot)."""
+    from nfhm_pipeline.evaluation.alignment import train_alignment_head
+    from nfhm_pipeline.evaluation.multilabel import auc_difference_table, roc_auc_per_label, zero_shot_auc
+
+    train, test = _split_rows(frame)
+    y, m, names = targets.y, targets.mask, targets.names
+    head = train_alignment_head(vectors[train], y[train], text.positive_emb, mask=m[train], label_names=names,
+                                seed=seed, device=device, epochs=epochs)
+    scores = head.scores(vectors[test]).astype(np.float64)
+    out = AucResult()
+    table = roc_auc_per_label(y[test], m[test], scores, names)
+    out.add(ALIGNMENT_TASK, targets.level, table, auc_summary(y[test], m[test], scores), int(test.sum()))
+    zero_shot = zero_shot_auc(vectors[test], text.positive_emb, text.negative_emb, y[test], m[test], names)
+    comparison = auc_difference_table(zero_shot, table, "zero-shot", "alignment head")
+    return AlignmentResult(head=head, auc=out, comparison=comparison)
+
+
+def alignment_head_path(models_dir: Path, dataset: str, model: str) -> Path:
+    """Where a dataset/model's head lives: ``<models_dir>/alignment/<dataset>/<model>.safetensors``."""
+    return Path(models_dir) / "alignment" / dataset / f"{model}.safetensors"
+
+
+# --- reports ---------------------------------------------------------------------------------------
+
+def auc_table_from_metrics(metrics: pd.DataFrame, model: str, task: str = PROBE_TASK,
+                           level: str | None = None) -> pd.DataFrame:
+    """Per-label AUC table (label, auc, n_pos, n_neg) of one model and task from warehouse ``metrics``
+    rows of one dataset, followed by the rows ``macro_auc`` and ``micro_auc``. ``level`` None takes
+    the only level present and raises if there are several (two policies in one frame)."""
+    rows = metrics[(metrics["model"] == model) & (metrics["task"] == task)]
+    if rows.empty:
+        raise EvaluationError(f"no {task!r} metrics for model {model!r}: materialize its multilabel_metrics "
+                              "(or alignment_head) first")
+    levels = sorted(rows["level"].dropna().unique())
+    if level is None:
+        if len(levels) != 1:
+            raise EvaluationError(f"{task!r} metrics of {model!r} have levels {levels}; pass level= to choose one")
+        level = levels[0]
+    rows = rows[rows["level"] == level]
+    value = dict(zip(rows["metric"], rows["value"].astype(float)))
+    labels = [m.split(":", 1)[1] for m in rows["metric"] if m.startswith("auc:")]
+    table = pd.DataFrame({
+        "label": labels + ["macro_auc", "micro_auc"],
+        "auc": [value[f"auc:{lab}"] for lab in labels] + [value.get("macro_auc", np.nan), value.get("micro_auc", np.nan)],
+        "n_pos": [value.get(f"n_pos:{lab}", np.nan) for lab in labels] + [np.nan, np.nan],
+        "n_neg": [value.get(f"n_neg:{lab}", np.nan) for lab in labels] + [np.nan, np.nan],
+    })
+    table.attrs["level"] = level
+    return table
+
+
+def auc_difference_report(metrics: pd.DataFrame, model_a: str, model_b: str, *, task: str = PROBE_TASK,
+                          task_b: str | None = None, level: str | None = None,
+                          threshold: float = 0.005) -> tuple[pd.DataFrame, str]:
+    """Seed 003's comparison: per-label AUC of ``model_b`` (task ``task_b``, default ``task``) minus
+    ``model_a`` (task ``task``), plus the macro/micro rows, as a table (label, auc_a, auc_b, diff,
+    mark) and an HTML table with differences beyond ``threshold`` (0.005 = 0.5 points) in green
+    (b better) or red (b worse). ``metrics``: warehouse rows of one dataset."""
+    from nfhm_pipeline.evaluation.multilabel import auc_difference_html, auc_difference_table
+
+    a = auc_table_from_metrics(metrics, model_a, task, level)
+    b = auc_table_from_metrics(metrics, model_b, task_b or task, level)
+    name_a = model_a if (task_b or task) == task else f"{model_a} ({task})"
+    name_b = model_b if (task_b or task) == task else f"{model_b} ({task_b})"
+    table = auc_difference_table(a, b, name_a, name_b, threshold=threshold)
+    return table, auc_difference_html(table)
+

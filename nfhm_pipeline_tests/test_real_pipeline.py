@@ -1,0 +1,75 @@
+"""Real images, real weights (../shared/data): MobileNetV2 ImageNet features must score well above
+chance on every task, and the randomly initialised tiny CLIP near chance.
+
+One session-scoped materialization of the `shared` catalog (Leeds butterflies + brain MRI,
+MobileNetV2 and tiny-clip) through a real Dagster instance serves every assertion.
+"""
+import dagster as dg
+import pytest
+
+from conftest import SHARED_DATA, local_resources
+from nfhm_pipeline.catalog import load_catalog
+from nfhm_pipeline.runner import materialize_catalog
+from nfhm_pipeline.store import warehouse
+
+pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real-data test: {SHARED_DATA} is absent")
+
+DATASETS = {"leeds_butterfly": ("species", 10), "brain_mri": ("label", 4)}
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory, monkeypatch_module):
+    monkeypatch_module.setenv("NFHM_SHARED_DATA", str(SHARED_DATA))
+    data_dir = tmp_path_factory.mktemp("real-data")
+    with dg.instance_for_test() as instance:
+        outcome = materialize_catalog(load_catalog("shared"), instance=instance, resources=local_resources(data_dir),
+                                      datasets=list(DATASETS), models=["mobilenet-v2-imagenet", "tiny-clip"],
+                                      log=lambda *_: None)
+    return data_dir, outcome
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def metric(data_dir, dataset, model, task, level, name):
+    rows = warehouse.query(data_dir / "warehouse.duckdb",
+                           "SELECT value FROM metrics WHERE dataset = ? AND model = ? AND task = ? AND level = ? "
+                           "AND grp = 'all' AND metric = ?", [dataset, model, task, level, name])
+    assert len(rows) == 1, (dataset, model, task, level, name)
+    return float(rows["value"][0])
+
+
+def test_real_catalog_materializes(real_run):
+    _, outcome = real_run
+    assert outcome.failed == {}
+
+
+@pytest.mark.parametrize("dataset", list(DATASETS))
+@pytest.mark.parametrize("task, name", [("knn", "top1_cosine"), ("knn", "mean_cosine"), ("knn", "top1_euclidean"),
+                                        ("knn", "mean_euclidean"), ("linear_probe", "test_accuracy"),
+                                        ("logistic_probe", "test_accuracy")])
+def test_mobilenet_features_score_well_above_chance(real_run, dataset, task, name):
+    data_dir, _ = real_run
+    level, n_classes = DATASETS[dataset]
+    chance = 1 / n_classes
+    assert metric(data_dir, dataset, "mobilenet-v2-imagenet", task, level, name) > chance + 0.35
+
+
+@pytest.mark.parametrize("dataset", list(DATASETS))
+def test_random_tiny_model_scores_far_below_real_features(real_run, dataset):
+    data_dir, _ = real_run
+    level, n_classes = DATASETS[dataset]
+    tiny = metric(data_dir, dataset, "tiny-clip", "knn", level, "top1_cosine")
+    real = metric(data_dir, dataset, "mobilenet-v2-imagenet", "knn", level, "top1_cosine")
+    assert real - tiny > 0.3
+
+
+@pytest.mark.parametrize("dataset", list(DATASETS))
+def test_random_tiny_model_zero_shot_is_near_chance(real_run, dataset):
+    data_dir, _ = real_run
+    level, n_classes = DATASETS[dataset]
+    value = metric(data_dir, dataset, "tiny-clip", "zero_shot", level, "top1_ensemble")
+    assert abs(value - 1 / n_classes) < 0.25
