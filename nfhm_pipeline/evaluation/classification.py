@@ -20,7 +20,9 @@ from nfhm_pipeline.errors import EvaluationError
 def _pair(y_true, y_pred) -> tuple[np.ndarray, np.ndarray]:
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     if y_true.ndim != 1 or y_true.shape != y_pred.shape:
-        raise EvaluationError(f"y_true {y_true.shape} and y_pred {y_pred.shape} must be 1-D and of one length, one label per test row.")
+        raise EvaluationError(
+            f"y_true {y_true.shape} and y_pred {y_pred.shape} must be 1-D and of one length, one label per test row."
+        )
     if y_true.size == 0:
         raise EvaluationError("no test rows to score: y_true and y_pred are empty.")
     return y_true, y_pred

@@ -104,7 +104,7 @@ def _as_matrix(x, name: str) -> np.ndarray:
     if x.dtype.kind not in "fiu":
         raise EvaluationError(f"{name} must hold numbers, got dtype {x.dtype}.")
     if x.shape[0] == 0:
-        raise EvaluationError(f"{name} has no rows: there is nothing to {'compare against' if name == 'train' else 'evaluate'}.")
+        raise EvaluationError(f"{name} has no rows: nearest-neighbour evaluation needs train and test vectors.")
     bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
     if bad.size:
         raise EvaluationError(
@@ -146,10 +146,14 @@ def _rank_classes_fp32(train, train_labels, test, ks, variants, block_size, devi
 
     X, Q = _as_matrix(train, "train"), _as_matrix(test, "test")
     if X.shape[1] != Q.shape[1]:
-        raise EvaluationError(f"train vectors have dim {X.shape[1]} but test vectors dim {Q.shape[1]}; use one model's embeddings for both.")
+        raise EvaluationError(
+            f"train vectors have dim {X.shape[1]} but test vectors dim {Q.shape[1]}; use one model's embeddings for both."
+        )
     y = np.asarray(train_labels)
     if y.shape != (X.shape[0],):
-        raise EvaluationError(f"train_labels has shape {y.shape} but train has {X.shape[0]} rows; give one label per train row.")
+        raise EvaluationError(
+            f"train_labels has shape {y.shape} but train has {X.shape[0]} rows; give one label per train row."
+        )
     try:
         classes, inv = np.unique(y, return_inverse=True)
     except TypeError as e:
@@ -245,7 +249,8 @@ def _rank_classes_fp32(train, train_labels, test, ks, variants, block_size, devi
         if "l2" in variants:
             mean_d = segment(torch.mul(S, -2 / qn_t.float(), out=E).add_(2).clamp_(min=0).sqrt_(), "sum") / counts
             e2 = 2 * eps_cos + 48 * _U
-            settle("mean_euclidean_l2", rows, -mean_d, _distance_error(np.maximum(2 - 2 * best_cos, 0), e2) + eps_rel_mean * mean_d)
+            err = _distance_error(np.maximum(2 - 2 * best_cos, 0), e2) + eps_rel_mean * mean_d
+            settle("mean_euclidean_l2", rows, -mean_d, err)
     return ClassRanking(classes=classes, rankings=rankings, ks=ks, n_exact_rows=n_exact)
 
 
@@ -276,7 +281,8 @@ def _settle(s, err, ks):
     idx = np.take_along_axis(idx, np.argsort(-np.take_along_axis(s, idx, 1), axis=1), 1)
     v, e = np.take_along_axis(s, idx, 1), np.take_along_axis(err, idx, 1)
     gap = [j - 1 for j in ks if j < C]
-    rows = np.flatnonzero(((v[:, gap] - v[:, [j + 1 for j in gap]]) <= e[:, gap] + e[:, [j + 1 for j in gap]]).any(axis=1))
+    after = [j + 1 for j in gap]
+    rows = np.flatnonzero(((v[:, gap] - v[:, after]) <= e[:, gap] + e[:, after]).any(axis=1))
     mask = s[rows] + err[rows] >= (v[rows, k - 1] - e[rows, k - 1])[:, None]
     return idx[:, :k].astype(np.int64), rows, mask
 
@@ -284,8 +290,8 @@ def _settle(s, err, ks):
 class _Exact:
     """Float64 class rankings of test rows over candidate classes, with the documented tie rules.
 
-    Values are computed from the caller's arrays with row-wise numpy sums (not BLAS), so identical
-    vectors get bit-identical values and exact ties stay ties.
+    Values are computed from the caller's arrays with row-wise sums (numpy on CPU, torch on other
+    devices; never BLAS), so identical vectors get bit-identical values and exact ties stay ties.
     """
 
     def __init__(self, X, Q, inv, n_classes, k, device):
@@ -305,7 +311,8 @@ class _Exact:
         """float64 mean unit train vector of class c: mean cosine to c = its dot with q/|q|."""
         if c not in self._centroids:
             idx = self.order[self.starts[c] : self.starts[c] + self.counts[c]]
-            self._centroids[c] = (self.X[idx].astype(np.float64) / np.sqrt(self.tt[idx])[:, None]).sum(axis=0) / len(idx)
+            unit = self.X[idx].astype(np.float64) / np.sqrt(self.tt[idx])[:, None]
+            self._centroids[c] = unit.sum(axis=0) / len(idx)
         return self._centroids[c]
 
     def _values(self, rule, queries, items):
@@ -321,7 +328,8 @@ class _Exact:
 
             per, a = max(1, (1 << 25) // self.X.shape[1]), 0
             while a < len(items):  # chunks of whole test rows, about 2^25 products each
-                b = max(bounds[np.searchsorted(bounds, a + per, side="right") - 1], bounds[np.searchsorted(bounds, a, side="right")])
+                b = max(bounds[np.searchsorted(bounds, a + per, side="right") - 1],  # whole rows up to a + per
+                        bounds[np.searchsorted(bounds, a, side="right")])  # or one whole row
                 i, q = (torch.from_numpy(v[a:b]).to(self.device) for v in (items, queries))
                 dot[a:b] = (self.X_dev[i].double() * self.Q_dev[q].double()).sum(dim=1).cpu().numpy()
                 a = b
@@ -333,6 +341,7 @@ class _Exact:
         return -np.sqrt(np.maximum(qq + tt - 2 * dot, 0))
 
     def _rank(self, group_row, group_class, score, tiebreak, n_rows):
+        """Top-k group_class per row [n_rows, k]: by score descending, then tiebreak ascending."""
         pick = np.lexsort((tiebreak, -score, group_row))
         row_start = np.searchsorted(group_row[pick], np.arange(n_rows))
         return group_class[pick][row_start[:, None] + np.arange(self.k)]
@@ -346,9 +355,13 @@ class _Exact:
         """
         import torch
 
-        cls = torch.from_numpy(self.sorted_class).to(item_scores.device)
-        floor = torch.from_numpy(np.where(mask, floor, np.inf)).to(item_scores.device)
-        r, j = (v.cpu().numpy() for v in torch.nonzero(item_scores >= floor[:, cls], as_tuple=True))
+        floor = np.where(mask, floor, np.inf)  # non-candidate classes take no part
+        if item_scores.device.type == "cpu":  # numpy: no thread-pool round trips for small arrays
+            r, j = np.nonzero(item_scores.numpy() >= floor[:, self.sorted_class])
+        else:
+            cls = torch.from_numpy(self.sorted_class).to(item_scores.device)
+            band = item_scores >= torch.from_numpy(floor).to(item_scores.device)[:, cls]
+            r, j = (v.cpu().numpy() for v in torch.nonzero(band, as_tuple=True))
         # by row, then class, then train order
         items, c = self.order[j], self.sorted_class[j]
         value = self._values(rule, rows[r], items)
