@@ -65,6 +65,7 @@ class TorchDevice(dg.ConfigurableResource):
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     batch_size: int = 64
     num_workers: int = 2
+    checkpoint_images: int = 1024  # images per checkpoint part: a killed run loses at most this many
 
     def resolve(self) -> str:
         import torch
@@ -91,5 +92,6 @@ def default_resources() -> dict:
             precision=os.environ.get("NFHM_PRECISION", "fp32"),  # type: ignore[arg-type]
             batch_size=int(os.environ.get("NFHM_BATCH_SIZE", "64")),
             num_workers=int(os.environ.get("NFHM_LOADER_WORKERS", "2")),
+            checkpoint_images=int(os.environ.get("NFHM_CHECKPOINT_IMAGES", "1024")),
         ),
     }

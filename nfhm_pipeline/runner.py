@@ -77,9 +77,24 @@ _STAGE_ORDER = {"image_embeddings": 0, "text_embeddings": 1, "knn_metrics": 2, "
 def _failure_message(result) -> str:
     for event in result.all_events:
         if event.event_type_value == "STEP_FAILURE":
-            err = event.event_specific_data.error
-            # The user-facing cause is the innermost error our code raised.
-            while err is not None and err.cause is not None:
+            chain, err = [], event.event_specific_data.error
+            while err is not None:
+                chain.append(err)
                 err = err.cause
+            # Our own errors explain themselves (file, model, what to do): report the outermost one;
+            # otherwise the innermost error, the root cause of a library failure.
+            ours = [e for e in chain if e.cls_name in _nfhm_error_names()]
+            err = ours[0] if ours else (chain[-1] if chain else None)
             return f"{event.step_key}: {err.message.strip() if err else 'failed'}"
     return "failed"
+
+
+def _nfhm_error_names() -> set[str]:
+    from nfhm_pipeline.errors import NfhmError
+
+    names, todo = set(), [NfhmError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names

@@ -49,8 +49,12 @@ def embeddings_asset(catalog: Catalog, spec: DatasetSpec) -> dg.AssetsDefinition
         model = context.partition_key
         manifest = read_manifest(storage, spec.name)
         embedder = load_model(catalog, model, storage, torch_device)
-        settings = EmbedSettings(batch_size=torch_device.batch_size, num_workers=torch_device.num_workers,
-                                 device=str(embedder.device))
+        device = str(embedder.device)
+        # On a CPU, loader workers compete with the forward pass for the same cores (measured:
+        # benchmarks/embed_throughput.py); decoding happens once anyway thanks to the pixel cache.
+        workers = torch_device.num_workers if not device.startswith("cpu") else 0
+        settings = EmbedSettings(batch_size=torch_device.batch_size, num_workers=workers, device=device,
+                                 chunk_size=torch_device.checkpoint_images)
         report = embed_manifest(storage.lake, spec.name, model, manifest, embedder,
                                 PixelCache(storage.subdir("cache", "pixels")), settings)
         stored = storage.lake.read(spec.name, model)

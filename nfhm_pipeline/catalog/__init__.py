@@ -173,7 +173,7 @@ def _mapping(value: Any, where: str) -> dict:
 
 
 def _check_slug(key: Any, where: str) -> str:
-    if not isinstance(key, str) or not SLUG.match(key):
+    if not isinstance(key, str) or not SLUG.fullmatch(key):
         raise CatalogError(
             f"{where}: name {key!r} is not a slug ([a-z0-9._-], starting with a letter or digit); "
             "it becomes a partition key and a folder name. Put a hub id such as "

@@ -23,7 +23,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from nfhm_pipeline.errors import ManifestError
 
-SUPPORTED_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "I;16", "I", "F", "CMYK", "YCbCr"})
+SUPPORTED_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "I;16", "I;16B", "I;16L", "I", "F", "CMYK", "YCbCr"})
 REJECT_REASONS = (
     "missing_file", "empty_file", "not_an_image", "truncated", "decompression_bomb",
     "unsupported_mode", "duplicate_image", "missing_label", "outside_root",
@@ -68,6 +68,8 @@ def _inspect_file(uri: str, max_pixels: int) -> dict:
         return {"reason": "missing_file", "detail": "no such file"}
     except OSError as e:  # a folder, no permission, broken link: nothing to decode either way
         return {"reason": "missing_file", "detail": f"cannot read: {e.strerror or e}"}
+    except ValueError as e:  # e.g. a NUL byte in the listed path
+        return {"reason": "missing_file", "detail": f"unusable path: {e}"}
     if not data:
         return {"reason": "empty_file", "detail": "file has 0 bytes"}
     try:

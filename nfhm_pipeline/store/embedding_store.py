@@ -14,6 +14,7 @@ redoing them.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -26,6 +27,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from nfhm_pipeline.errors import StorageError
+from nfhm_pipeline.store.remote import redact
 from nfhm_pipeline.store.schemas import EMBEDDING_FINGERPRINT_KEY, embedding_schema
 
 
@@ -69,7 +71,7 @@ def _filesystem(root: str) -> tuple[pafs.FileSystem, str]:
         try:
             return pafs.FileSystem.from_uri(str(root))
         except (pa.ArrowInvalid, OSError) as exc:
-            raise StorageError(f"cannot open storage root {root}: {exc}") from None
+            raise StorageError(f"cannot open storage root {redact(root)}: {exc}") from None
     return pafs.LocalFileSystem(), os.path.abspath(str(root))
 
 
@@ -97,7 +99,11 @@ class EmbeddingStore:
     # -- reading ---------------------------------------------------------------------------
 
     def exists(self, dataset: str, model: str) -> bool:
-        return self.fs.get_file_info(self.table_path(dataset, model)).type == pafs.FileType.File
+        try:
+            return self.fs.get_file_info(self.table_path(dataset, model)).type == pafs.FileType.File
+        except OSError as exc:  # an unreachable endpoint or refused credentials on object storage
+            raise StorageError(f"cannot reach the embedding lake {redact(self.root)}: {exc}; check the "
+                               "storage root, the endpoint and the AWS_* credentials") from None
 
     def read(self, dataset: str, model: str) -> EmbeddingTable | None:
         """The last complete table, or None if there is none."""
@@ -139,14 +145,21 @@ class EmbeddingStore:
         wanted = list(dict.fromkeys(image_ids))  # order kept, duplicates dropped
         wanted_set = set(wanted)
         existing = self.read(dataset, model)
+        if existing is not None and existing.fingerprint == fingerprint and existing.image_ids.tolist() == wanted:
+            # Nothing new, nothing gone (the nightly re-embed): the stored table is the answer as it
+            # is; no copy, no rewrite (no re-upload on object storage).
+            self._drop_checkpoints(dataset, model)
+            return EmbedReport(total=len(wanted), new=0, reused=len(wanted), removed=0, resumed=0,
+                               seconds=time.perf_counter() - start, embed_seconds=0.0, fingerprint=fingerprint,
+                               dim=existing.dim, path=self.table_path(dataset, model))
         known: dict[str, np.ndarray] = {}
         removed = 0
-        if existing is not None and existing.fingerprint == fingerprint:
-            keep = np.isin(existing.image_ids, list(wanted_set))
+        if existing is not None:
+            # Set lookups: np.isin on object (string) arrays compares every pair, O(N·M).
+            keep = np.fromiter((iid in wanted_set for iid in existing.image_ids), dtype=bool, count=len(existing))
             removed = int((~keep).sum())
-            known = dict(zip(existing.image_ids[keep], existing.vectors[keep]))
-        elif existing is not None:
-            removed = int((~np.isin(existing.image_ids, list(wanted_set))).sum())
+            if existing.fingerprint == fingerprint:
+                known = dict(zip(existing.image_ids[keep], existing.vectors[keep]))
         reused = len(known)
 
         ckpt_dir = self._checkpoint_dir(dataset, model, fingerprint)
@@ -162,7 +175,11 @@ class EmbeddingStore:
         embed_seconds = 0.0
         dim = existing.dim if existing is not None and reused else None
         if todo:
-            self.fs.create_dir(ckpt_dir, recursive=True)
+            try:
+                self.fs.create_dir(ckpt_dir, recursive=True)
+            except OSError as exc:
+                raise StorageError(f"cannot write {ckpt_dir}: {exc}; check that the data folder (or storage "
+                                   "root) is writable and has free space") from None
         for start_at in range(0, len(todo), chunk_size):
             chunk = todo[start_at:start_at + chunk_size]
             t0 = time.perf_counter()
@@ -237,6 +254,7 @@ def _write_parquet(fs: pafs.FileSystem, path: str, table: EmbeddingTable, model:
         schema=schema,
     )
     parent = path.rsplit("/", 1)[0]
+    tmp = None
     try:
         fs.create_dir(parent, recursive=True)
         if isinstance(fs, pafs.LocalFileSystem):
@@ -246,5 +264,8 @@ def _write_parquet(fs: pafs.FileSystem, path: str, table: EmbeddingTable, model:
         else:
             pq.write_table(arrow, path, filesystem=fs)
     except OSError as exc:
+        if tmp is not None:  # a full disk leaves a partial temp file behind
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
         raise StorageError(f"cannot write {path}: {exc}; check that the data folder is writable and "
                            "has free space") from None

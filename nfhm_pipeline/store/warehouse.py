@@ -8,6 +8,7 @@ ever passed as bound parameters, never spliced into SQL.
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from pathlib import Path
 from typing import Iterator
@@ -15,6 +16,7 @@ from typing import Iterator
 import pandas as pd
 
 from nfhm_pipeline.errors import StorageError
+from nfhm_pipeline.store.remote import is_remote, lake_dataset, redact
 from nfhm_pipeline.store.schemas import WAREHOUSE_DDL, table_columns
 
 _LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "database is locked")
@@ -61,17 +63,31 @@ def ensure_schema(con) -> None:
         con.execute(f"CREATE TABLE IF NOT EXISTS {table} ({ddl})")
 
 
+def _checked_columns(table: str, where: dict) -> list[str]:
+    """The columns of ``table``, after checking that it and the ``where`` keys are declared ones:
+    table and column names are spliced into SQL, so only names from schemas.py may get there."""
+    if table not in WAREHOUSE_DDL:
+        raise StorageError(f"unknown warehouse table {table!r}; tables: {sorted(WAREHOUSE_DDL)}")
+    columns = table_columns(table)
+    unknown = [col for col in where if col not in columns]
+    if unknown:
+        raise StorageError(f"table {table} has no column(s) {unknown} to select rows by")
+    return columns
+
+
 def replace_rows(path: str | Path, table: str, frame: pd.DataFrame, **where: str) -> int:
     """Atomically replace the rows of ``table`` matching ``where`` (column = value) by ``frame``.
 
     Missing columns of ``frame`` are filled with NULL; extra columns are an error.
     Returns the number of rows inserted.
     """
-    columns = table_columns(table)
+    columns = _checked_columns(table, where)
     extra = set(frame.columns) - set(columns)
     if extra:
         raise StorageError(f"table {table} has no column(s) {sorted(extra)}")
     frame = frame.reindex(columns=columns)
+    import duckdb
+
     with connect(path) as con:
         ensure_schema(con)
         con.execute("BEGIN TRANSACTION")
@@ -84,8 +100,12 @@ def replace_rows(path: str | Path, table: str, frame: pd.DataFrame, **where: str
                 con.execute(f"INSERT INTO {table} SELECT * FROM incoming")
                 con.unregister("incoming")
             con.execute("COMMIT")
-        except Exception:
-            con.execute("ROLLBACK")
+        except Exception as exc:
+            with contextlib.suppress(Exception):  # after a failed write the transaction may be gone already
+                con.execute("ROLLBACK")
+            if isinstance(exc, duckdb.Error):
+                raise StorageError(f"cannot write table {table} of warehouse {path}: {exc}; check that the "
+                                   "data folder is writable and has free space") from None
             raise
     return len(frame)
 
@@ -94,12 +114,20 @@ def append_rows(path: str | Path, table: str, frame: pd.DataFrame) -> int:
     return replace_rows(path, table, frame)
 
 
-def query(path: str | Path, sql: str, params: list | None = None) -> pd.DataFrame:
-    """Run one read-only query and return a DataFrame."""
+def query(path: str | Path, sql: str, params: list | None = None, *, lake_root: str | None = None) -> pd.DataFrame:
+    """Run one read-only query and return a DataFrame.
+
+    When the embedding lake is remote (``lake_root``, else the root the last embedding run
+    recorded) and the query names ``embeddings``, the lake is registered under that name for this
+    session as a pyarrow dataset: DuckDB then needs no httpfs extension to read object storage.
+    """
     import duckdb
 
     with connect(path, read_only=True) as con:
         try:
+            root = lake_root or _recorded_lake_root(con)
+            if is_remote(root) and re.search(r"\bembeddings\b", sql, re.IGNORECASE):
+                con.register("embeddings", lake_dataset(root))
             return con.execute(sql, params or []).df()
         except duckdb.Error as exc:
             raise StorageError(f"query failed: {exc}") from None
@@ -107,6 +135,7 @@ def query(path: str | Path, sql: str, params: list | None = None) -> pd.DataFram
 
 def read_table(path: str | Path, table: str, **where: str) -> pd.DataFrame:
     """All rows of ``table`` matching ``where``; an empty frame with the right columns if none."""
+    _checked_columns(table, where)
     cond = " AND ".join(f"{col} = ?" for col in where)
     sql = f"SELECT * FROM {table}" + (f" WHERE {cond}" if cond else "")
     if not Path(path).exists():
@@ -120,14 +149,19 @@ def read_table(path: str | Path, table: str, **where: str) -> pd.DataFrame:
 
 
 def refresh_embedding_view(path: str | Path, lake_root: str) -> None:
-    """(Re)create the view ``embeddings`` over every embedding Parquet file in the lake.
+    """(Re)create the view ``embeddings`` over every embedding Parquet file in a local lake.
 
     Columns: image_id, embedding, dataset, model (the last two from the hive-style folders).
+    The lake root (without secrets) is recorded in the view ``nfhm_lake``; a remote lake gets no
+    persistent view (it would need DuckDB's httpfs): :func:`query` registers it per session.
     """
-    pattern = f"{str(lake_root).rstrip('/')}/embeddings/*/*/embeddings.parquet"
     with connect(path) as con:
         ensure_schema(con)
-        _configure_remote(con, lake_root)
+        con.execute(f"CREATE OR REPLACE VIEW nfhm_lake AS SELECT '{_quote_literal(redact(lake_root))}' AS root")
+        if is_remote(lake_root):
+            con.execute("DROP VIEW IF EXISTS embeddings")
+            return
+        pattern = f"{str(lake_root).rstrip('/')}/embeddings/*/*/embeddings.parquet"
         try:
             con.execute(
                 "CREATE OR REPLACE VIEW embeddings AS SELECT * FROM "
@@ -136,28 +170,13 @@ def refresh_embedding_view(path: str | Path, lake_root: str) -> None:
             con.execute("DROP VIEW IF EXISTS embeddings")
 
 
+def _recorded_lake_root(con) -> str | None:
+    try:
+        rows = con.execute("SELECT root FROM nfhm_lake").fetchall()
+    except Exception:  # a warehouse written before any embedding run has no nfhm_lake view
+        return None
+    return rows[0][0] if rows else None
+
+
 def _quote_literal(text: str) -> str:
     return text.replace("'", "''")
-
-
-def _configure_remote(con, lake_root: str) -> None:
-    """Point DuckDB's httpfs at S3-compatible storage when the lake lives there."""
-    if not str(lake_root).startswith("s3://"):
-        return
-    import os
-
-    con.execute("INSTALL httpfs")
-    con.execute("LOAD httpfs")
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("NFHM_S3_ENDPOINT")
-    settings = {
-        "s3_access_key_id": os.environ.get("AWS_ACCESS_KEY_ID"),
-        "s3_secret_access_key": os.environ.get("AWS_SECRET_ACCESS_KEY"),
-        "s3_region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-    }
-    if endpoint:
-        settings["s3_endpoint"] = endpoint.split("://", 1)[-1]
-        settings["s3_use_ssl"] = endpoint.startswith("https")
-        settings["s3_url_style"] = "path"
-    for key, value in settings.items():
-        if value is not None:
-            con.execute(f"SET {key} = ?", [value])
