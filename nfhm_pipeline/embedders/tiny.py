@@ -15,6 +15,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from nfhm_pipeline.ingest.images import write_bytes_atomic
+
 TINY_OPENCLIP_NAME = "nfhm-tiny-clip"
 TINY_OPENCLIP_CONFIG = {
     "embed_dim": 32,
@@ -31,18 +33,6 @@ TINY_PREPROCESS_CFG = {
 }
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def register_tiny_openclip_config() -> str:
     """Make `TINY_OPENCLIP_NAME` a known open_clip architecture (idempotent); returns the name.
 
@@ -53,7 +43,7 @@ def register_tiny_openclip_config() -> str:
 
     if TINY_OPENCLIP_NAME not in open_clip.list_models():
         path = Path(tempfile.gettempdir()) / "nfhm_openclip_configs" / f"{TINY_OPENCLIP_NAME}.json"
-        _write_atomic(path, json.dumps(TINY_OPENCLIP_CONFIG, indent=1).encode())
+        write_bytes_atomic(path, json.dumps(TINY_OPENCLIP_CONFIG, indent=1).encode())
         open_clip.add_model_config(path)
     return TINY_OPENCLIP_NAME
 
@@ -95,7 +85,7 @@ def build_tiny_openclip_checkpoint(path: str | os.PathLike, seed: int = 0) -> Pa
     loads with `open_clip.create_model_and_transforms(TINY_OPENCLIP_NAME, pretrained=str(path))`.
     """
     path = Path(path)
-    _write_atomic(path, _serialize(_tiny_state_dict(seed), path.suffix == ".safetensors"))
+    write_bytes_atomic(path, _serialize(_tiny_state_dict(seed), path.suffix == ".safetensors"))
     return path
 
 
@@ -114,8 +104,8 @@ def build_tiny_hf_hub_cache(cache_dir: str | os.PathLike, repo_id: str = "nfhm/t
     commit = hashlib.sha1(config + weights).hexdigest()
     repo_dir = Path(cache_dir) / f"models--{repo_id.replace('/', '--')}"
     snapshot = repo_dir / "snapshots" / commit
-    _write_atomic(snapshot / "open_clip_config.json", config)
-    _write_atomic(snapshot / ("open_clip_model.safetensors" if safetensors else "open_clip_pytorch_model.bin"),
+    write_bytes_atomic(snapshot / "open_clip_config.json", config)
+    write_bytes_atomic(snapshot / ("open_clip_model.safetensors" if safetensors else "open_clip_pytorch_model.bin"),
                   weights)
-    _write_atomic(repo_dir / "refs" / "main", commit.encode())
+    write_bytes_atomic(repo_dir / "refs" / "main", commit.encode())
     return snapshot
