@@ -8,7 +8,6 @@ than a ViT-B forward pass, so decoding per model would waste most of the run.
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,12 +141,3 @@ def embed_prompts(embedder, prompts: pd.DataFrame, batch_size: int = 256) -> np.
     out = [np.asarray(embedder.embed_texts(texts[i:i + batch_size]), dtype=np.float32)
            for i in range(0, len(texts), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
-
-def timed_forward(embedder, pixels, repeats: int = 3) -> float:
-    """Seconds per image of the bare forward pass on pre-made tensors (benchmarks)."""
-    embedder.embed_uint8(pixels[: min(len(pixels), 4)])  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        embedder.embed_uint8(pixels)
-    return (time.perf_counter() - t0) / (repeats * len(pixels))

@@ -95,13 +95,6 @@ def add_auc_comparisons(report: ComparisonReport, metrics: pd.DataFrame) -> None
         report.html_sections[f"alignment head vs zero-shot AUC: {model}"] = fragment
 
 
-def latest_only(frame: pd.DataFrame, keys, order_by: str) -> pd.DataFrame:
-    """The newest row per key (e.g. the last embedding run per model)."""
-    if frame.empty:
-        return frame
-    return frame.sort_values(order_by).groupby(list(keys), as_index=False).tail(1)
-
-
 def label_arrays(manifest: pd.DataFrame, image_ids: np.ndarray, levels) -> dict[str, np.ndarray]:
     m = manifest.set_index("image_id")
     return {level: m.loc[image_ids, level].astype(str).to_numpy() for level in levels}

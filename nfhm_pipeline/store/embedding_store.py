@@ -18,7 +18,7 @@ import contextlib
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -59,7 +59,6 @@ class EmbedReport:
     fingerprint: str
     dim: int
     path: str
-    extra: dict = field(default_factory=dict)
 
     @property
     def images_per_s(self) -> float:
