@@ -67,7 +67,7 @@ def embedder_for(model: str, tmp: Path, device: str):
         spec = {"loader": "open_clip", "model": "nfhm-tiny-clip",
                 "pretrained": str(build_tiny_openclip_checkpoint(tmp / "tiny.safetensors"))}
     else:
-        spec = {"loader": "raw_pixels", "size": 16}
+        spec = {"loader": "raw_pixels", "image_size": 16}
     return load_embedder({**spec, "id": model}, device=device)
 
 

@@ -14,6 +14,10 @@ class CatalogError(NfhmError):
     """A catalog file is missing, malformed, or an entry has a bad field."""
 
 
+class SettingsError(NfhmError):
+    """An environment setting (NFHM_DEVICE, NFHM_PRECISION, …) has a value that cannot be used."""
+
+
 class ManifestError(NfhmError):
     """A manifest source (CSV, folder, .npz) cannot be read as declared."""
 

@@ -11,7 +11,7 @@ from typing import Literal
 
 import dagster as dg
 
-from nfhm_pipeline.errors import StorageError
+from nfhm_pipeline.errors import SettingsError, StorageError
 from nfhm_pipeline.store.embedding_store import EmbeddingStore
 
 
@@ -81,17 +81,42 @@ class TorchDevice(dg.ConfigurableResource):
         return "cpu"
 
 
+def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = os.environ.get(name, default).strip()
+    if value not in choices:
+        raise SettingsError(f"environment variable {name}={value!r} is not one of {', '.join(choices)}; "
+                            f"unset it (default {default!r}) or pick one of those")
+    return value
+
+
+def _env_int(name: str, default: int, minimum: int) -> int:
+    raw = os.environ.get(name, str(default)).strip()
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise SettingsError(f"environment variable {name}={raw!r} must be a whole number ≥ {minimum}; "
+                            f"unset it (default {default}) or fix it")
+    return value
+
+
 def default_resources() -> dict:
+    """The resources of the code location, machine values from ``NFHM_*`` environment variables;
+    a bad value is a SettingsError sentence naming the variable, not a pydantic trace."""
+    device = _env_choice("NFHM_DEVICE", "auto", ("auto", "cuda", "mps", "cpu"))
+    precision = _env_choice("NFHM_PRECISION", "fp32", ("fp32", "fp16", "bf16"))
+    batch_size = _env_int("NFHM_BATCH_SIZE", 64, 1)
+    num_workers = _env_int("NFHM_LOADER_WORKERS", 2, 0)
+    checkpoint_images = _env_int("NFHM_CHECKPOINT_IMAGES", 1024, 1)
     return {
         "storage": NfhmStorage(
             data_dir=dg.EnvVar("NFHM_DATA_DIR") if os.environ.get("NFHM_DATA_DIR") else default_data_dir(),
             storage_root=dg.EnvVar("NFHM_STORAGE_ROOT") if os.environ.get("NFHM_STORAGE_ROOT") else None,
         ),
         "torch_device": TorchDevice(
-            device=os.environ.get("NFHM_DEVICE", "auto"),  # type: ignore[arg-type]
-            precision=os.environ.get("NFHM_PRECISION", "fp32"),  # type: ignore[arg-type]
-            batch_size=int(os.environ.get("NFHM_BATCH_SIZE", "64")),
-            num_workers=int(os.environ.get("NFHM_LOADER_WORKERS", "2")),
-            checkpoint_images=int(os.environ.get("NFHM_CHECKPOINT_IMAGES", "1024")),
+            device=device,  # type: ignore[arg-type]
+            precision=precision,  # type: ignore[arg-type]
+            batch_size=batch_size, num_workers=num_workers, checkpoint_images=checkpoint_images,
         ),
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import multiprocessing as mp
 import textwrap
 from pathlib import Path
@@ -19,7 +20,11 @@ import yaml
 from PIL import Image
 
 from conftest import local_resources
-from nfhm_pipeline.automation import DEFAULT_REEMBED_CRON, source_fingerprint
+from nfhm_pipeline import automation
+from nfhm_pipeline.automation import (
+    DEFAULT_REEMBED_CRON, SOURCE_FINGERPRINT_KEY, build_manifest_sensor, fingerprint_source, source_fingerprint,
+)
+from nfhm_pipeline.catalog import READERS
 from nfhm_pipeline.catalog import load_catalog
 from nfhm_pipeline.definitions import build_definitions
 from nfhm_pipeline.store import warehouse
@@ -213,6 +218,147 @@ def test_generated_dataset_fingerprint_changes_with_its_parameters_only(tmp_path
     bigger = dataclasses.replace(spec, params={**spec.params, "images_per_species": 3})
     assert source_fingerprint(same) == source_fingerprint(spec)
     assert source_fingerprint(bigger) != source_fingerprint(spec)
+
+
+def test_every_reader_is_declared_listing_or_self_contained_for_the_sensor():
+    # chexpert_csv was once missing: an X-ray rewritten under an unchanged CSV went unnoticed.
+    declared = set(automation._LISTING_READERS) | set(automation._SELF_CONTAINED_READERS)
+    assert declared == set(READERS) and not set(automation._LISTING_READERS) & set(automation._SELF_CONTAINED_READERS)
+
+
+def test_sensor_notices_an_xray_rewritten_under_an_unchanged_chexpert_csv(tmp_path):
+    root = tmp_path / "chest"
+    root.mkdir()
+    lines = ["Path,Edema,Cardiomegaly"]
+    for i in range(6):
+        Image.new("L", (10, 10), 40 * i).save(root / f"view_{i}.png")
+        lines.append(f"view_{i}.png,{i % 2}.0,{(i // 2) % 2}.0")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    catalog = tmp_path / "chest.yaml"
+    catalog.write_text(textwrap.dedent(f"""
+        datasets:
+          chest:
+            reader: chexpert_csv
+            csv: {root / "labels.csv"}
+            findings: [Edema, Cardiomegaly]
+            labels: [label]
+            split: {{test_fraction: 0.25, seed: 0, folds: 2}}
+        models:
+          raw-pixels: {{loader: raw_pixels, image_size: 8}}
+        """), encoding="utf-8")
+    defs = defs_for(catalog, tmp_path / "data")
+    with dg.instance_for_test() as instance:
+        first, cursor = sensor_tick(defs, instance, None)
+        assert set(first) == {"chest"}
+        assert sensor_tick(defs, instance, cursor)[0] == {}
+        Image.new("L", (11, 11), 255).save(root / "view_3.png")  # new bytes, same name, same CSV
+        changed, _ = sensor_tick(defs, instance, cursor)
+    assert set(changed) == {"chest"}
+    assert fingerprint_source(load_catalog(catalog).datasets["chest"]).files_stated == 6
+
+
+def write_big_csv(folder: Path, rows: int, distinct: int) -> Path:
+    """A label_csv listing ``distinct`` PNGs (written when few) over ``rows`` rows."""
+    (folder / "img").mkdir(parents=True)
+    if distinct <= 100:
+        for i in range(distinct):
+            Image.new("RGB", (6, 6), (i, 2 * i, 3 * i)).save(folder / "img" / f"{i}.png")
+    body = "".join(f"img/{i % distinct}.png,{'ab'[i % distinct % 2]}\n" for i in range(rows))
+    csv = folder / "big.csv"
+    csv.write_text("path,species\n" + body, encoding="utf-8")
+    return csv
+
+
+def big_catalog(tmp_path: Path, csv: Path) -> Path:
+    path = tmp_path / "big.yaml"
+    path.write_text(write_catalog(tmp_path).read_text(encoding="utf-8").replace("models:\n", textwrap.indent(
+        textwrap.dedent(f"""
+        huge:
+          reader: label_csv
+          csv: {csv}
+          path_column: path
+          labels: [species]
+        """), "  ") + "models:\n", 1), encoding="utf-8")
+    return path
+
+
+def test_sensor_tick_on_a_million_row_csv_stats_each_listed_file_once(tmp_path):
+    csv = write_big_csv(tmp_path / "huge", 1_000_000, 30)
+    catalog = big_catalog(tmp_path, csv)
+    fingerprint = fingerprint_source(load_catalog(catalog).datasets["huge"])
+    # The CSV is read for its path column only; 30 distinct files, 30 stat calls (not a million).
+    assert (fingerprint.listed_rows, fingerprint.files_stated, fingerprint.sampled) == (1_000_000, 30, False)
+    defs = defs_for(catalog, tmp_path / "data")
+    with dg.instance_for_test() as instance:
+        first, cursor = sensor_tick(defs, instance, None)
+        assert set(first) == {"leaves", "specimens", "huge"}
+        Image.new("RGB", (7, 7), (9, 9, 9)).save(tmp_path / "huge" / "img" / "17.png")  # rewritten in place
+        assert set(sensor_tick(defs, instance, cursor)[0]) == {"huge"}
+
+
+def test_many_distinct_listed_files_are_stated_as_a_bounded_stable_sample(tmp_path, monkeypatch):
+    monkeypatch.setattr(automation, "STAT_SAMPLE_LIMIT", 500)  # the real limit is 50 000 files
+    csv = write_big_csv(tmp_path / "many", 20_000, 5_000)
+    spec = load_catalog(big_catalog(tmp_path, csv)).datasets["huge"]
+    first, again = fingerprint_source(spec), fingerprint_source(spec)
+    assert (first.listed_rows, first.files_stated, first.sampled) == (20_000, 500, True)
+    assert first.digest == again.digest  # the same sample every tick: no change, no run
+    (tmp_path / "many" / "img" / "new.png").write_bytes(b"x")  # the folder's mtime changes
+    assert fingerprint_source(spec).digest != first.digest
+
+
+def test_a_dataset_past_its_time_budget_is_skipped_without_blocking_the_others(tmp_path):
+    csv = write_big_csv(tmp_path / "huge", 1_000_000, 30)
+    catalog_path = big_catalog(tmp_path, csv)
+    defs = defs_for(catalog_path, tmp_path / "data")
+    catalog = load_catalog(catalog_path)
+
+    def tick(sensor, cursor):
+        context = dg.build_sensor_context(instance=instance, cursor=cursor, repository_def=defs.get_repository_def())
+        data = sensor.evaluate_tick(context)
+        return {r.tags["nfhm/dataset"] for r in data.run_requests}, json.loads(data.cursor)
+
+    with dg.instance_for_test() as instance:
+        # 0.2 s cannot read a million rows, and is plenty for 12 rows or generated demo parameters.
+        got, cursor = tick(build_manifest_sensor(catalog, dataset_budget_s=0.2), None)
+        assert got == {"leaves", "specimens"} and cursor["skipped"] == ["huge"]
+        assert set(cursor["fingerprints"]) == {"leaves", "specimens"}
+        got, cursor = tick(build_manifest_sensor(catalog), json.dumps(cursor))  # retried next tick
+        assert got == {"huge"} and cursor["skipped"] == []
+
+        # A dataset whose fingerprint raises (here a catalog entry built in code with a number for a
+        # path) is skipped the same way; the others are still looked at.
+        broken = dataclasses.replace(catalog.datasets["leaves"], name="broken",
+                                     params={**catalog.datasets["leaves"].params, "csv": 5})
+        with_broken = dataclasses.replace(catalog, datasets={"broken": broken, **catalog.datasets})
+        got, cursor = tick(build_manifest_sensor(with_broken), None)
+        assert got == {"leaves", "specimens", "huge"} and cursor["skipped"] == ["broken"]
+
+        # A tick whose whole budget is spent skips what is left and starts there the next time.
+        got, spent = tick(build_manifest_sensor(catalog, tick_budget_s=0.0), None)
+        assert got == set() and sorted(spent["skipped"]) == ["huge", "leaves", "specimens"]
+
+
+def test_first_tick_after_a_materialized_demo_requests_nothing_until_a_source_changes(tmp_path):
+    folder = tmp_path / "bark"
+    for label in ("smooth", "rough"):
+        (folder / label).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (90, 90, 90) if label == "smooth" else (30, 60, 20)).save(folder / label / "a.png")
+    defs = defs_for(write_catalog(tmp_path, folder=folder), tmp_path / "data")
+    with dg.instance_for_test() as instance:
+        materialize(defs, instance, [[ds, "image_manifest"] for ds in ("leaves", "specimens", "bark")])
+        event = instance.get_latest_materialization_event(dg.AssetKey(["leaves", "image_manifest"]))
+        assert SOURCE_FINGERPRINT_KEY in event.asset_materialization.metadata
+        # `make ui` after `make demo`: a fresh sensor (no cursor) finds every manifest up to date.
+        nothing, cursor = sensor_tick(defs, instance, None)
+        assert nothing == {}
+        assert sensor_tick(defs, instance, cursor)[0] == {}
+
+        Image.new("RGB", (12, 12), (5, 5, 5)).save(tmp_path / "leaves" / "images" / "acer_1.png")
+        changed, _ = sensor_tick(defs, instance, cursor)
+        assert set(changed) == {"leaves"}
+        changed, _ = sensor_tick(defs, instance, None)  # also with a fresh cursor: not what was materialized
+        assert set(changed) == {"leaves"}
 
 
 # -- automation conditions -----------------------------------------------------------------------

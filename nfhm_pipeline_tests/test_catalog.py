@@ -18,6 +18,7 @@ datasets:
   birds:
     reader: image_folder
     root: images
+    taxonomy: taxonomy.csv
     labels: [species, genus]
 models:
   raw-pixels:

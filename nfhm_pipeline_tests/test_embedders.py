@@ -296,3 +296,198 @@ def test_unknown_loader_lists_the_loaders():
     with pytest.raises(ModelLoadError) as err:
         load_embedder({"id": "x", "loader": "onnx", "model": "m"})
     assert all(name in str(err.value) for name in LOADERS)
+
+
+# -- trust_remote_code ---------------------------------------------------------------------------------
+def tiny_hf_clip_folder(folder):
+    """A save_pretrained folder of a tiny CLIP (config.json, model.safetensors, preprocessor_config.json)."""
+    import transformers
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=32, patch_size=8, projection_dim=16)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    torch.manual_seed(0)
+    transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision,
+                                                   projection_dim=16)).save_pretrained(folder)
+    transformers.CLIPImageProcessor(size={"shortest_edge": 32},
+                                    crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def marker_model_folder(folder, marker, model_type="nfhm_marker"):
+    """A model folder whose config.json names its own Python (auto_map) that writes `marker` when imported."""
+    import json
+
+    tiny_hf_clip_folder(folder)
+    (folder / "marker_code.py").write_text(
+        f"open({str(marker)!r}, 'w').write('the model folder ran its code')\n"
+        "from transformers import CLIPConfig as MarkerConfig, CLIPModel as MarkerModel\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type=model_type, auto_map={"AutoConfig": "marker_code.MarkerConfig",
+                                                   "AutoModel": "marker_code.MarkerModel"})
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_remote_code_without_trust_is_refused_before_its_code_runs(tmp_path):
+    folder = marker_model_folder(tmp_path / "model", tmp_path / "ran.txt")
+    with pytest.raises(ModelLoadError) as err:
+        load_embedder({"id": "custom", "loader": "transformers", "model": str(folder)})
+    msg = str(err.value)
+    assert "'custom'" in msg and "marker_code.py" in msg and "trust_remote_code" in msg and "florence2" in msg
+    assert not (tmp_path / "ran.txt").exists()
+
+
+def test_trust_remote_code_for_a_model_type_that_does_not_need_it_is_refused(tmp_path):
+    folder = marker_model_folder(tmp_path / "model", tmp_path / "ran.txt")
+    with pytest.raises(ModelLoadError) as err:
+        load_embedder({"id": "custom", "loader": "transformers", "model": str(folder), "trust_remote_code": True})
+    msg = str(err.value)
+    assert "would run Python files from" in msg and "'nfhm_marker'" in msg and "florence2" in msg
+    assert not (tmp_path / "ran.txt").exists()
+
+
+def test_trust_remote_code_on_a_native_model_type_is_refused(tmp_path):
+    folder = marker_model_folder(tmp_path / "model", tmp_path / "ran.txt", model_type="clip")
+    with pytest.raises(ModelLoadError, match="model_type 'clip'"):
+        load_embedder({"loader": "transformers", "model": str(folder), "trust_remote_code": True})
+    assert not (tmp_path / "ran.txt").exists()
+    # Without trust the same folder loads with transformers' own CLIP code, and its code never runs.
+    assert load_embedder({"loader": "transformers", "model": str(folder)}).dim == 16
+    assert not (tmp_path / "ran.txt").exists()
+
+
+def test_trust_remote_code_must_be_a_boolean(tmp_path):
+    with pytest.raises(ModelLoadError, match="trust_remote_code must be true or false, got 'yes'"):
+        load_embedder({"loader": "transformers", "model": str(tiny_hf_clip_folder(tmp_path)),
+                       "trust_remote_code": "yes"})
+
+
+def test_remote_code_load_never_waits_on_stdin(tmp_path):
+    # transformers asks "[y/N]" on stdin for remote code reached with trust_remote_code=None and
+    # waits 15 s; inside a Dagster step nobody answers. stdin here is a pipe nobody writes to.
+    import os
+    import subprocess
+    import sys
+
+    folder = marker_model_folder(tmp_path / "model", tmp_path / "ran.txt")
+    script = (
+        "import time, transformers\n"
+        "from nfhm_pipeline.embedders import load_embedder\n"
+        "from nfhm_pipeline.errors import NfhmError\n"
+        "t = time.monotonic()\n"
+        "try:\n"
+        f"    load_embedder({{'id': 'custom', 'loader': 'transformers', 'model': {str(folder)!r}, "
+        "'trust_remote_code': True})\n"
+        "except NfhmError as e:\n"
+        "    print(type(e).__name__ + ': ' + str(e))\n"
+        "print(f'seconds {time.monotonic() - t:.2f}')\n")
+    log = tmp_path / "out.txt"
+    with open(log, "w") as out_file:
+        proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=out_file,
+                                stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        try:
+            proc.wait(timeout=180)  # stdin stays open and silent, as a terminal nobody watches
+        finally:
+            proc.kill()
+            proc.stdin.close()
+    out = log.read_text()
+    assert "[y/N]" not in out and "Do you wish to run the custom code" not in out
+    assert "ModelLoadError: model 'custom': trust_remote_code: true would run Python files" in out
+    assert float(out.rsplit("seconds ", 1)[1]) < 10  # transformers' question waits 15 s
+    assert not (tmp_path / "ran.txt").exists()
+
+
+TINY_FLORENCE_CODE = '''
+import torch
+from transformers import PretrainedConfig, PreTrainedModel
+
+open({marker!r}, "w").write("ran")
+
+
+class TinyFlorenceConfig(PretrainedConfig):
+    model_type = "florence2"
+
+    def __init__(self, width=8, **kwargs):
+        self.width = width
+        super().__init__(**kwargs)
+
+
+class TinyFlorence(PreTrainedModel):
+    config_class = TinyFlorenceConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.patches = torch.nn.Conv2d(3, config.width, 8, 8)
+        self.post_init()
+
+    def _encode_image(self, pixel_values):
+        return self.patches(pixel_values).flatten(2).transpose(1, 2)
+'''
+
+
+def test_allowed_remote_code_model_loads_with_its_own_code(tmp_path, monkeypatch):
+    # The original microsoft/Florence-2-* layout: model_type florence2, config and model from the
+    # folder's own module (auto_map), pooled as the mean of `_encode_image` tokens.
+    import importlib.util
+    import json
+
+    import transformers
+    from transformers import dynamic_module_utils
+
+    monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    folder = tmp_path / "florence"
+    folder.mkdir()
+    code = folder / "modeling_tiny_florence.py"
+    code.write_text(TINY_FLORENCE_CODE.format(marker=str(tmp_path / "built.txt")))
+    spec = importlib.util.spec_from_file_location("nfhm_test_tiny_florence", code)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    reference = module.TinyFlorence(module.TinyFlorenceConfig()).eval()
+    reference.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "modeling_tiny_florence.TinyFlorenceConfig",
+                          "AutoModelForCausalLM": "modeling_tiny_florence.TinyFlorence"}
+    (folder / "config.json").write_text(json.dumps(config))
+    transformers.CLIPImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False).save_pretrained(folder)
+
+    emb = load_embedder({"id": "florence", "loader": "transformers", "model": str(folder),
+                         "trust_remote_code": True})
+    assert emb.remote_florence and emb.load_report["trust_remote_code"] is True
+    assert (tmp_path / "modules").is_dir()  # transformers ran the folder's module from its module cache
+    x = pixels(2, 32)
+    mean, std = torch.tensor(emb.preprocess.mean).view(1, 3, 1, 1), torch.tensor(emb.preprocess.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ref = reference._encode_image((x.float() / 255 - mean) / std).mean(dim=1)
+    assert emb.dim == 8 and emb.preprocess.resize == "squash"
+    torch.testing.assert_close(emb.embed_uint8(x), ref, rtol=1e-5, atol=1e-6)
+
+
+# -- loader records and key validation -----------------------------------------------------------------
+def test_load_embedder_refuses_a_key_its_loader_does_not_read():
+    with pytest.raises(ModelLoadError) as err:
+        load_embedder({"id": "raw", "loader": "raw_pixels", "size": 16})
+    msg = str(err.value)
+    assert "'raw'" in msg and "['size']" in msg and "'raw_pixels'" in msg and "image_size" in msg
+
+
+def test_every_loader_record_names_a_load_function_and_its_fields():
+    from nfhm_pipeline.embedders.loaders import COMMON_FIELDS
+
+    for kind, record in LOADERS.items():
+        assert record.kind == kind and callable(record.load)
+        assert record.path_fields <= record.fields and not record.fields & COMMON_FIELDS
+
+
+def test_every_shipped_catalog_model_entry_is_a_valid_loader_spec():
+    # vlm4bio's Florence-2 entry once said `pooling: florence_mean`, refused only when it loaded.
+    from nfhm_pipeline.catalog import available_catalogs, load_catalog
+    from nfhm_pipeline.embedders.hf_transformers import POOLINGS
+    from nfhm_pipeline.embedders.loaders import check_spec
+
+    for name in available_catalogs():
+        for key, model in load_catalog(name).models.items():
+            spec = {**model.loader_spec(), "id": key}
+            assert check_spec(spec)[0] == key
+            assert spec.get("pooling", "image_embeds") in POOLINGS, (name, key)

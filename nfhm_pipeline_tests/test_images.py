@@ -8,6 +8,7 @@ from PIL import Image, ImageFile
 
 from nfhm_pipeline.errors import ManifestError
 from nfhm_pipeline.ingest import SUPPORTED_MODES, load_rgb, to_rgb, validate_images
+from nfhm_pipeline.ingest.images import MAX_ASPECT_RATIO, dhash64, load_verified_rgb
 
 
 def save_image(path, mode="RGB", size=(12, 10), fmt=None, color=None, seed=0):
@@ -44,7 +45,8 @@ def test_good_image_gets_sha256_of_bytes_size_mode_and_labels(tmp_path):
     row = manifest.iloc[0]
     assert row.image_id == hashlib.sha256(path.read_bytes()).hexdigest()
     assert (row.width, row.height, row["mode"], row.species) == (12, 10, "RGB", "Danaus plexippus")
-    assert list(manifest.columns) == ["image_id", "uri", "width", "height", "mode", "species", "group", "official_split"]
+    assert list(manifest.columns) == ["image_id", "uri", "width", "height", "mode", "species", "group", "split_group",
+                                      "official_split", "phash"]
 
 
 def assert_rejected_alone(tmp_path, bad_path, reason, **kwargs):
@@ -105,6 +107,18 @@ def test_pil_own_bomb_warning_and_error_are_rejected(tmp_path, monkeypatch, side
     assert_rejected_alone(tmp_path, big, "decompression_bomb", max_pixels=10**9)
 
 
+def test_image_longer_than_the_aspect_cap_is_extreme_aspect_ratio(tmp_path):
+    strip = save_image(tmp_path / "strip.png", size=(MAX_ASPECT_RATIO + 1, 1), seed=3)
+    detail = assert_rejected_alone(tmp_path, strip, "extreme_aspect_ratio")
+    assert f"{MAX_ASPECT_RATIO + 1}x1" in detail
+
+
+def test_image_exactly_at_the_aspect_cap_is_kept(tmp_path):
+    path = save_image(tmp_path / "tall.png", size=(2, 2 * MAX_ASPECT_RATIO), seed=3)
+    manifest, rejected = validate([path])
+    assert rejected.empty and manifest.height[0] == 2 * MAX_ASPECT_RATIO
+
+
 def test_mode_pil_opens_but_we_cannot_convert_is_unsupported_mode(tmp_path):
     lab = tmp_path / "lab.tif"
     Image.new("LAB", (8, 8), (50, 10, 10)).save(lab)
@@ -155,6 +169,15 @@ def test_output_keeps_input_order_with_many_threads(tmp_path):
     assert list(manifest.width) == [Image.open(p).width for p in order]
 
 
+def test_same_uri_listed_again_is_read_once_and_later_rows_are_duplicates(tmp_path):
+    a = save_image(tmp_path / "a.png", seed=1)
+    manifest, rejected = validate([a, a, tmp_path / "gone.png", a, tmp_path / "gone.png"])
+    assert manifest.attrs["files_read"] == 2
+    assert list(manifest.uri) == [str(a)]
+    assert list(rejected.reason) == ["duplicate_image", "missing_file", "duplicate_image", "missing_file"]
+    assert list(rejected.source_row) == [3, 4, 5, 6]
+
+
 def test_candidates_without_label_column_raise_manifest_error(tmp_path):
     with pytest.raises(ManifestError, match="genus"):
         validate_images(candidates([tmp_path / "a.png"]), ["genus"])
@@ -164,6 +187,55 @@ def test_empty_candidates_give_empty_tables_with_columns():
     manifest, rejected = validate([])
     assert manifest.empty and "image_id" in manifest.columns
     assert rejected.empty and list(rejected.columns) == ["uri", "source_row", "reason", "detail"]
+
+
+# ---- phash -----------------------------------------------------------------------------------------
+
+def smooth_image(seed: int, size=(96, 64)) -> Image.Image:
+    """A smooth random picture (blurred blobs): what dHash is meant for, unlike white noise."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (6, 9, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
+
+
+def hamming(a: str, b: str) -> int:
+    return bin(int(a, 16) ^ int(b, 16)).count("1")
+
+
+def test_phash_column_is_the_dhash_of_the_decoded_image(tmp_path):
+    path = tmp_path / "a.png"
+    smooth_image(1).save(path)
+    manifest, _ = validate([path])
+    with Image.open(path) as im:
+        assert manifest.phash[0] == dhash64(im)
+    assert len(manifest.phash[0]) == 16 and int(manifest.phash[0], 16) >= 0
+
+
+def test_dhash64_is_the_standard_difference_hash():
+    grey = np.asarray(smooth_image(2).convert("L").resize((9, 8), Image.Resampling.BILINEAR), dtype=int)
+    bits = "".join("1" if grey[r, c + 1] > grey[r, c] else "0" for r in range(8) for c in range(8))
+    assert dhash64(smooth_image(2)) == f"{int(bits, 2):016x}"
+
+
+def test_resized_reencoded_copy_has_a_near_phash_and_another_image_does_not(tmp_path):
+    original = smooth_image(3, size=(240, 160))
+    original.save(tmp_path / "orig.png")
+    original.resize((120, 80), Image.Resampling.LANCZOS).save(tmp_path / "copy.jpg", quality=70)
+    smooth_image(4, size=(240, 160)).save(tmp_path / "other.png")
+    manifest, _ = validate([tmp_path / "orig.png", tmp_path / "copy.jpg", tmp_path / "other.png"])
+    orig, copy, other = manifest.phash
+    assert hamming(orig, copy) <= 6 < hamming(orig, other)
+
+
+def test_phash_of_16bit_and_transparent_images_hashes_what_models_see(tmp_path):
+    values = (np.add.outer(np.arange(40), np.arange(60)) * 20 + 1000).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "g16.png")
+    rgba = smooth_image(5).convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(tmp_path / "t.png")
+    manifest, rejected = validate([tmp_path / "g16.png", tmp_path / "t.png"])
+    assert rejected.empty
+    assert list(manifest.phash) == [dhash64(load_rgb(tmp_path / "g16.png")), dhash64(load_rgb(tmp_path / "t.png"))]
 
 
 # ---- load_rgb -------------------------------------------------------------------------------------
@@ -227,3 +299,17 @@ def test_load_rgb_of_unreadable_file_names_it(tmp_path):
     (tmp_path / "x.png").write_text("no")
     with pytest.raises(ManifestError, match="x.png"):
         load_rgb(tmp_path / "x.png")
+
+
+def test_load_verified_rgb_decodes_the_checked_bytes(tmp_path):
+    path = save_image(tmp_path / "a.png", seed=4)
+    image = load_verified_rgb(path, hashlib.sha256(path.read_bytes()).hexdigest())
+    assert np.array_equal(np.asarray(image), np.asarray(load_rgb(path)))
+
+
+def test_load_verified_rgb_refuses_a_file_changed_since_the_manifest(tmp_path):
+    path = save_image(tmp_path / "a.png", seed=4)
+    old_id = hashlib.sha256(path.read_bytes()).hexdigest()
+    save_image(path, seed=5)
+    with pytest.raises(ManifestError, match=r"a\.png changed after the manifest.*Re-materialize birds/image_manifest"):
+        load_verified_rgb(path, old_id, dataset="birds")

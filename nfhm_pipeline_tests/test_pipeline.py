@@ -87,8 +87,9 @@ def test_model_comparison_writes_charts_and_a_self_contained_html_report(demo_ru
 def test_embedding_maps_are_drawn_per_model_and_level(demo_run):
     data_dir, _, _ = demo_run
     maps = data_dir / "reports" / "demo_shapes" / "maps"
-    assert {p.name for p in maps.glob("*.png")} >= {f"umap_{m}_{lvl}.png" for m in ("raw-pixels", "tiny-clip")
-                                                    for lvl in ("species", "genus", "family")}
+    # a folder per model: (model, level) pairs can never share a file name (issue 16 item 11)
+    assert {str(p.relative_to(maps)) for p in maps.glob("*/*.png")} >= {
+        f"{m}/umap_{lvl}.png" for m in ("raw-pixels", "tiny-clip") for lvl in ("species", "genus", "family")}
 
 
 SMALL_CATALOG = """

@@ -36,7 +36,7 @@ def test_label_csv_gives_absolute_uris_stripped_labels_and_line_numbers(tmp_path
     image(tmp_path / "img" / "b.png", 2)
     csv = write_csv(tmp_path / "labels.csv", "file,species,genus,split\nimg/a.png, Aus bus ,Aus,train\nimg/b.png,Aus cus,Aus,test\n")
     c = read_label_csv(csv, path_column="file", label_columns=["species", "genus"], split_column="split")
-    assert list(c.columns) == ["uri", "species", "genus", "group", "official_split", "source_row", "reject_reason"]
+    assert list(c.columns) == ["uri", "species", "genus", "group", "split_group", "official_split", "source_row", "reject_reason"]
     assert list(c.uri) == [str(tmp_path / "img" / "a.png"), str(tmp_path / "img" / "b.png")]
     assert list(c.species) == ["Aus bus", "Aus cus"]
     assert list(c.official_split) == ["train", "test"]
@@ -150,7 +150,7 @@ def test_vlm4bio_taxa_from_column_then_constant_then_parent_folder(tmp_path):
 
 # ---- read_image_folder ----------------------------------------------------------------------------
 
-def test_image_folder_class_is_subfolder_and_only_images_count(tmp_path):
+def test_image_folder_class_is_subfolder_and_other_entries_are_rejected_rows(tmp_path):
     image(tmp_path / "cat" / "1.PNG", 1)
     image(tmp_path / "dog" / "2.png", 2)
     (tmp_path / "dog" / "notes.txt").write_text("x")
@@ -158,7 +158,9 @@ def test_image_folder_class_is_subfolder_and_only_images_count(tmp_path):
     image(tmp_path / "dog" / "deeper" / "3.png", 3)
     image(tmp_path / "root_level.png", 4)
     c = read_image_folder(tmp_path, label_column="animal")
-    assert c[["animal", "source_row"]].values.tolist() == [["cat", 1], ["dog", 2]]
+    assert c[["animal", "source_row", "reject_reason"]].astype(object).where(c.notna(), None).values.tolist() == [
+        ["cat", 1, None], ["dog", 2, None], ["dog", 3, "folder_not_image"], ["dog", 4, "not_an_image_file"],
+        [None, 5, "not_in_class_folder"]]
     assert c.uri[0] == str(tmp_path / "cat" / "1.PNG")
 
 

@@ -232,3 +232,126 @@ def test_check_split_reports_groups_straddling_train_and_test():
     )
     problems = check_split(assignments, pd.Series({"x": "a", "y": "a", "z": "a"}))
     assert len(problems) == 1 and "g1" in problems[0]
+
+
+# --- grouped splits (issue 11 item 1) -------------------------------------------------------------
+
+
+def video_frames(seed: int = 0, dominant: bool = True) -> pd.DataFrame:
+    """The issue's collection in small: 5 species x 20 videos of 5..39 frames; with ``dominant``
+    one video holds two thirds of species a's frames."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for species in ("sp_a", "sp_b", "sp_c", "sp_d", "sp_e"):
+        sizes = rng.integers(5, 40, 20)
+        if dominant and species == "sp_a":
+            sizes[0] = 2 * sizes[1:].sum()
+        for v, size in enumerate(sizes):
+            rows += [{"image_id": f"{species}_v{v:02d}_f{f:04d}", "species": species, "video": f"{species}_v{v:02d}"}
+                     for f in range(size)]
+    return pd.DataFrame(rows)
+
+
+def test_video_frames_reproduce_the_issue():
+    frame = video_frames()
+    sizes = frame.groupby("video").size()
+    assert frame["video"].nunique() == 100 and sizes.idxmax() == "sp_a_v00"
+    assert sizes.max() / (frame["species"] == "sp_a").sum() == pytest.approx(2 / 3, abs=0.01)
+
+
+@pytest.mark.parametrize("requested", [0.1, 0.2, 0.3])
+def test_grouped_split_realises_the_requested_fraction_within_its_stated_tolerance(requested):
+    from nfhm_pipeline.evaluation.splits import check_split_result
+
+    # Old code: 0.34 / 0.40 / 0.47 for every seed.
+    frame = video_frames()
+    for seed in range(5):
+        result = make_split(frame, label_column="species", test_fraction=requested, seed=seed, group_column="video")
+        # Every group is small next to the collection, so the stated tolerance is the 0.02 floor.
+        assert result.fraction_tolerance == pytest.approx(0.02)
+        assert result.target_test_fraction == pytest.approx(requested)
+        assert abs(result.realised_test_fraction - requested) <= result.fraction_tolerance, (seed, result.summary())
+        assert result.summary()["realised_test_fraction"] == pytest.approx(result.realised_test_fraction)
+        assert check_split_result(result, labels_of(frame)) == []
+
+
+def test_grouped_split_does_not_put_the_largest_video_in_test_for_every_seed():
+    frame = video_frames()
+    test_sets = []
+    for seed in range(20):
+        a = make_split(frame, label_column="species", test_fraction=0.2, seed=seed, group_column="video").assignments
+        test_sets.append(frozenset(a.loc[a["split"] == "test", "group"]))
+    assert not all("sp_a_v00" in groups for groups in test_sets)
+    assert len(set(test_sets)) == 20  # each seed draws its own groups
+    # Without a dominant video the largest one is eligible, and it changes side with the seed.
+    frame = video_frames(dominant=False)
+    largest = frame.groupby("video").size().idxmax()
+    in_test = [largest in set(make_split(frame, label_column="species", test_fraction=0.2, seed=seed,
+                                         group_column="video").assignments.query("split == 'test'")["group"])
+               for seed in range(20)]
+    assert 0 < sum(in_test) < 20
+
+
+def test_grouped_split_keeps_groups_whole_in_split_and_folds():
+    frame = video_frames()
+    result = make_split(frame, label_column="species", test_fraction=0.2, seed=3, group_column="video", n_folds=4)
+    a = result.assignments
+    assert (a.groupby("group")["split"].nunique() == 1).all()
+    train = a[a["split"] == "train"]
+    assert (train.groupby("group")["fold"].nunique() == 1).all() and set(train["fold"]) == {0, 1, 2, 3}
+    assert result.fold_method == "StratifiedGroupKFold"
+    assert check_split(a, labels_of(frame)) == []
+
+
+def test_grouped_split_keeps_any_group_below_the_share_of_a_class_test_images():
+    frame = video_frames()
+    for seed in range(5):
+        result = make_split(frame, label_column="species", test_fraction=0.2, seed=seed, group_column="video",
+                            max_group_share=0.5)
+        summary = result.summary()
+        assert summary["largest_group_share"] <= 0.5, summary
+        assert summary["n_groups_test"] + summary["n_groups_train"] == 100 and summary["n_groups_test"] >= 10
+        assert summary["warnings"] == []
+
+
+def test_grouped_split_warns_when_the_data_make_the_group_share_impossible():
+    # sp_x has two videos of 90 and 10 frames: its test images can only come from one of them.
+    frame = video_frames(dominant=False)
+    frame = pd.concat([frame, pd.DataFrame(
+        [{"image_id": f"sp_x_v{v}_f{f:03d}", "species": "sp_x", "video": f"sp_x_v{v}"}
+         for v, size in ((0, 90), (1, 10)) for f in range(size)])], ignore_index=True)
+    result = make_split(frame, label_column="species", test_fraction=0.2, seed=0, group_column="video")
+    assert result.summary()["largest_group_share"] == 1.0
+    [warning] = result.warnings
+    assert "1 class(es)" in warning and "'sp_x'" in warning and "sp_x_v1" in warning and "max_group_share" in warning
+
+
+def test_grouped_split_warns_when_groups_are_too_uneven_for_the_fraction():
+    # Two classes of two equal groups: one group is a quarter of the images, far from 10 %.
+    frame = manifest({"a": 40, "b": 40}, groups_per_class=2)
+    result = make_split(frame, label_column="species", test_fraction=0.1, seed=0, group_column="site")
+    assert result.realised_test_fraction == pytest.approx(0.25)
+    assert result.fraction_tolerance == pytest.approx(0.25)  # s / n: the split said how far it may miss
+    assert any("not 10.0%" in w for w in result.warnings)
+
+
+def test_check_split_result_checks_the_fraction_in_grouped_mode():
+    from dataclasses import replace
+
+    from nfhm_pipeline.evaluation.splits import check_split_result
+
+    frame = video_frames()
+    result = make_split(frame, label_column="species", test_fraction=0.2, seed=0, group_column="video")
+    assert check_split_result(result, labels_of(frame)) == []
+    # Move the dominant video (570+ frames) to test: groups stay whole, the fraction does not.
+    moved = result.assignments.copy()
+    moved.loc[moved["group"] == "sp_a_v00", ["split", "fold"]] = ["test", pd.NA]
+    problems = check_split_result(replace(result, assignments=moved), labels_of(frame))
+    assert len(problems) == 1 and "Test fraction" in problems[0]
+
+
+def test_stratified_summary_has_no_group_facts():
+    result = make_split(manifest({"a": 20, "b": 20}), label_column="species", test_fraction=0.25)
+    summary = result.summary()
+    assert summary["realised_test_fraction"] == 0.25 and summary["warnings"] == []
+    assert summary["n_groups_train"] is None and summary["largest_group_share"] is None

@@ -10,7 +10,8 @@ from nfhm_pipeline.assets.common import markdown_table, read_manifest
 from nfhm_pipeline.catalog import Catalog, DatasetSpec
 from nfhm_pipeline.resources import NfhmStorage, TorchDevice
 from nfhm_pipeline.stages.embedding import (
-    EmbedSettings, PixelCache, embed_manifest, embed_prompts, model_loader_spec, text_prompt_table,
+    EmbedSettings, PixelCache, embed_manifest, embed_prompts, embedding_identity, model_loader_spec,
+    text_prompt_table,
 )
 from nfhm_pipeline.store import warehouse
 from nfhm_pipeline.store.text_store import write_text_embeddings
@@ -33,7 +34,8 @@ def embeddings_asset(catalog: Catalog, spec: DatasetSpec) -> dg.AssetsDefinition
     key = dg.AssetKey([spec.name, "image_embeddings"])
     checks = [
         dg.AssetCheckSpec("every_image_embedded", asset=key, blocking=True,
-                          description="Every manifest image has exactly one stored vector."),
+                          description="The stored image_ids are exactly the manifest's, each once, in its order "
+                                      "(identity, not only counts)."),
         dg.AssetCheckSpec("vectors_finite", asset=key, blocking=True, description="No NaN or inf in any vector."),
         dg.AssetCheckSpec("dimension_as_declared", asset=key,
                           description="Stored dimension equals the model's declared output dimension."),
@@ -65,9 +67,10 @@ def embeddings_asset(catalog: Catalog, spec: DatasetSpec) -> dg.AssetsDefinition
             "precision": torch_device.precision, "batch_size": settings.batch_size, "run_id": context.run_id,
             "finished_at": dt.datetime.now(dt.timezone.utc).replace(tzinfo=None),
         }])
-        warehouse.append_rows(storage.warehouse_path, "embedding_runs", run)
-        warehouse.refresh_embedding_view(storage.warehouse_path, storage.lake_root)
-        missing = len(set(manifest["image_id"]) - set(stored.image_ids))
+        # One transaction: the run's row and the view that shows its table appear together.
+        warehouse.replace_many(storage.warehouse_path, [("embedding_runs", run, {})], lake_root=storage.lake_root,
+                               log_wait=context.log.info)
+        identity = embedding_identity(manifest["image_id"].tolist(), stored.image_ids.tolist())
         finite = bool(np.isfinite(stored.vectors).all())
         return dg.MaterializeResult(
             metadata={
@@ -78,8 +81,8 @@ def embeddings_asset(catalog: Catalog, spec: DatasetSpec) -> dg.AssetsDefinition
                 "device": settings.device, "batch_size": settings.batch_size,
             },
             check_results=[
-                dg.AssetCheckResult(check_name="every_image_embedded", passed=missing == 0 and len(stored) == len(manifest),
-                                    metadata={"missing": missing, "stored": len(stored)}),
+                dg.AssetCheckResult(check_name="every_image_embedded", passed=identity.pop("passed"),
+                                    metadata=identity),
                 dg.AssetCheckResult(check_name="vectors_finite", passed=finite),
                 dg.AssetCheckResult(check_name="dimension_as_declared", passed=stored.dim == embedder.dim,
                                     metadata={"stored": stored.dim, "declared": int(embedder.dim)}),

@@ -3,6 +3,7 @@
 import dagster as dg
 
 from nfhm_pipeline.assets.common import column_schema, manifest_path, markdown_table, write_parquet_atomic
+from nfhm_pipeline.automation import SOURCE_FINGERPRINT_KEY, source_fingerprint
 from nfhm_pipeline.catalog import DatasetSpec
 from nfhm_pipeline.resources import NfhmStorage
 from nfhm_pipeline.stages.manifests import build_manifest, warehouse_frames
@@ -26,8 +27,9 @@ def manifest_asset(spec: DatasetSpec) -> dg.AssetsDefinition:
         build = build_manifest(spec, storage.subdir("sources"))
         m = build.manifest
         path = write_parquet_atomic(m, manifest_path(storage, spec.name))
-        for table, frame in warehouse_frames(spec.name, build, spec.labels).items():
-            warehouse.replace_rows(storage.warehouse_path, table, frame, dataset=spec.name)
+        warehouse.replace_many(storage.warehouse_path, [
+            (table, frame, {"dataset": spec.name})
+            for table, frame in warehouse_frames(spec.name, build, spec.labels).items()], log_wait=context.log.info)
         if len(build.rejected):
             context.log.warning(f"{len(build.rejected)} image(s) rejected: "
                                 f"{build.rejected['reason'].value_counts().to_dict()}")
@@ -37,6 +39,7 @@ def manifest_asset(spec: DatasetSpec) -> dg.AssetsDefinition:
                 "dagster/row_count": len(m),
                 "dagster/column_schema": column_schema(m),
                 "path": dg.MetadataValue.path(str(path)),
+                SOURCE_FINGERPRINT_KEY: source_fingerprint(spec),  # what the sensor compares on its first tick
                 "rejected": len(build.rejected),
                 "rejected_by_reason": build.rejected["reason"].value_counts().to_dict(),
                 "classes_per_level": build.classes_per_level(spec.labels),

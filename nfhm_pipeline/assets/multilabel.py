@@ -10,7 +10,7 @@ import pandas as pd
 
 from nfhm_pipeline.assets.common import markdown_table, read_manifest
 from nfhm_pipeline.assets.embeddings import load_model, model_partitions
-from nfhm_pipeline.assets.evaluation import load_inputs, store_tables
+from nfhm_pipeline.assets.evaluation import current_split_id, evaluation_metadata, load_inputs, store_tables
 from nfhm_pipeline.catalog import Catalog, DatasetSpec
 from nfhm_pipeline.resources import NfhmStorage, TorchDevice
 from nfhm_pipeline.stages.evaluation import EvalTables
@@ -21,9 +21,9 @@ from nfhm_pipeline.stages.multilabel import (
 
 
 def _inputs(storage: NfhmStorage, spec: DatasetSpec, model: str):
-    frame, vectors = load_inputs(storage, spec, model)
+    frame, vectors, split_id = load_inputs(storage, spec, model)
     frame = attach_findings(frame, read_manifest(storage, spec.name), spec)
-    return frame, vectors, auc_targets(spec, frame)
+    return frame, vectors, auc_targets(spec, frame), split_id
 
 
 def _label_table(per_label: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -45,10 +45,11 @@ def multilabel_metrics_asset(catalog: Catalog, spec: DatasetSpec) -> dg.AssetsDe
                           "micro AUC. The uncertain-label policy (or one_vs_rest) is in each row's level.")
     def multilabel_metrics(context: dg.AssetExecutionContext, storage: NfhmStorage, torch_device: TorchDevice):
         model = context.partition_key
-        frame, vectors, targets = _inputs(storage, spec, model)
+        frame, vectors, targets, split_id = _inputs(storage, spec, model)
         text = embed_label_texts(load_model(catalog, model, storage, torch_device), spec, targets)
         result = multilabel_tables(frame, vectors, targets, seed=spec.split.seed, text=text)
-        metrics = store_tables(storage, spec.name, model, list(MULTILABEL_TASKS), result.tables, context.run_id)
+        metrics = store_tables(storage, spec.name, model, list(MULTILABEL_TASKS), result.tables, context.run_id,
+                               split_id)
         meta = {"dagster/row_count": len(metrics), "level": targets.level, "kind": targets.kind,
                 "text_tower": text is not None, "per_label AUC": markdown_table(_label_table(result.per_label), 30)}
         for task, summary in result.summary.items():
@@ -57,8 +58,7 @@ def multilabel_metrics_asset(catalog: Catalog, spec: DatasetSpec) -> dg.AssetsDe
         if text is not None:
             meta["prompts"] = markdown_table(pd.DataFrame({"label": targets.names, "positive": text.positive,
                                                            "negative": text.negative}), 30)
-        if result.tables.skipped:
-            meta["skipped"] = result.tables.skipped
+        meta.update(evaluation_metadata(result.tables, split_id))
         return dg.MaterializeResult(metadata=meta)
 
     return multilabel_metrics
@@ -77,15 +77,17 @@ def alignment_head_asset(catalog: Catalog, spec: DatasetSpec) -> dg.AssetsDefini
         embedder = load_model(catalog, model, storage, torch_device)
         if not embedder.has_text_tower:
             # Clear rows a former text-tower model under this key may have left.
-            store_tables(storage, spec.name, model, [ALIGNMENT_TASK], EvalTables(), context.run_id)
+            store_tables(storage, spec.name, model, [ALIGNMENT_TASK], EvalTables(), context.run_id,
+                         current_split_id(storage, spec.name))
             return dg.MaterializeResult(metadata={"skipped": f"{model} has no text tower", "text_tower": False,
                                                   "dagster/row_count": 0})
-        frame, vectors, targets = _inputs(storage, spec, model)
+        frame, vectors, targets, split_id = _inputs(storage, spec, model)
         text = embed_label_texts(embedder, spec, targets)
         result = alignment_tables(frame, vectors, targets, text, seed=spec.split.seed,
                                   device=str(embedder.device))
         path = result.head.save(alignment_head_path(storage.subdir("models"), spec.name, model))
-        metrics = store_tables(storage, spec.name, model, [ALIGNMENT_TASK], result.auc.tables, context.run_id)
+        metrics = store_tables(storage, spec.name, model, [ALIGNMENT_TASK], result.auc.tables, context.run_id,
+                               split_id)
         comparison = result.comparison
         summary = result.auc.summary[ALIGNMENT_TASK]
         return dg.MaterializeResult(metadata={
@@ -97,7 +99,7 @@ def alignment_head_asset(catalog: Catalog, spec: DatasetSpec) -> dg.AssetsDefini
             "labels_better": int((comparison["mark"] == "better").sum()),
             "labels_worse": int((comparison["mark"] == "worse").sum()),
             "label_texts": text.positive,
-            **({"skipped": result.auc.tables.skipped} if result.auc.tables.skipped else {}),
+            **evaluation_metadata(result.auc.tables, split_id),
         })
 
     return alignment_head

@@ -19,38 +19,47 @@ from typing import Any
 
 import yaml
 
+from nfhm_pipeline.embedders.loaders import LOADERS
 from nfhm_pipeline.errors import CatalogError
 
 CATALOG_DIR = Path(__file__).resolve().parent
 SLUG = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+MAX_NAME_LENGTH = 64  # names become partition keys, asset-key parts and file names (errno 36 past 255 bytes)
+MAX_CATALOG_BYTES = 1_000_000
+MAX_YAML_DEPTH = 32  # a catalog is a few levels deep; 5000-deep lists only exhaust the stack
+# Columns the manifest itself defines: a label level or group of the same name would collide with them.
+RESERVED_COLUMNS = frozenset({"image_id", "uri", "width", "height", "mode", "group", "split_group",
+                              "official_split", "source_row", "reject_reason", "phash", "split", "fold",
+                              "dataset", "grp"})
+CSV_DELIMITERS = {",": ",", ";": ";", "\\t": "\t", "\t": "\t", "tab": "\t", "|": "|"}
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 # Readers and the fields each one takes (beyond the common dataset fields).
 READERS: dict[str, set[str]] = {
     "demo_shapes": {"images_per_species", "size", "seed"},
     "sklearn_digits": set(),
-    "vlm4bio_csv": {"csv", "image_root", "taxa", "taxa_column"},
-    "label_csv": {"csv", "path_column", "image_root", "group_column", "split_column"},
-    "image_folder": {"root"},
+    "vlm4bio_csv": {"csv", "image_root", "taxa", "taxa_column", "delimiter", "taxonomy"},
+    "label_csv": {"csv", "path_column", "image_root", "group_column", "split_column", "delimiter", "taxonomy"},
+    "image_folder": {"root", "taxonomy", "underscores_to_spaces"},
     "medmnist_npz": {"npz", "class_names"},
-    "chexpert_csv": {"csv", "path_column", "image_root", "findings"},
+    "chexpert_csv": {"csv", "path_column", "image_root", "findings", "delimiter"},
 }
-_PREPROCESS_KEYS = {"image_size", "resize", "resize_size", "interpolation", "mean", "std"}
-# Keys each loader reads (nfhm_pipeline/embedders/*: each loader module documents them).
-LOADER_KEYS: dict[str, set[str]] = {
-    "raw_pixels": {"image_size", "resize", "interpolation"},
-    "open_clip": {"model", "base", "pretrained", "weights", "state_dict", "seed"},
-    "transformers": {"model", "weights", "revision", "pooling", "trust_remote_code"},
-    "torchvision": {"model", "pretrained", "weights", "num_classes"} | _PREPROCESS_KEYS,
-    "timm": {"model", "pretrained", "weights", "num_classes"} | _PREPROCESS_KEYS,
-}
-LOADERS = set(LOADER_KEYS)
+# Label levels a reader can supply by itself (None: any column of its CSV); more need a `taxonomy:`.
+_READER_LEVELS = {"image_folder": 1, "medmnist_npz": 1, "sklearn_digits": 1}
+# Readers that read a per-image column, so a reporting group or a leakage unit can come from the source.
+_GROUP_READERS = {"vlm4bio_csv", "label_csv", "chexpert_csv", "demo_shapes"}
+_SPLIT_GROUP_READERS = {"vlm4bio_csv", "label_csv"}
+NEAR_DUPLICATE_ACTIONS = ("keep", "drop", "group")
+# Loader kinds and the keys each reads are declared once, in nfhm_pipeline.embedders.loaders.LOADERS.
 UNCERTAIN_POLICIES = {"ignore", "positive", "negative"}
 PROMPT_SETS = {"generic", "biology", "medical", "digits"}  # nfhm_pipeline.stages.prompts.TEMPLATE_SETS
 _DATASET_FIELDS = {"reader", "labels", "group", "split", "prompts", "description",
                    "uncertain_policy", "models", "umap"}
+_SPLIT_FIELDS = {"test_fraction", "seed", "folds", "grouped", "group_by", "max_group_share",
+                 "near_duplicates", "near_duplicate_distance"}
 DEFAULT_UMAP = {"n_neighbors": [5, 15, 50], "min_dist": [0.1, 0.5], "max_points": 3000}
 _MODEL_FIELDS = {"loader", "description", "build"}
+_TOP_LEVEL_FIELDS = {"datasets", "models", "description", "include_models"}
 
 
 @dataclass(frozen=True)
@@ -58,9 +67,20 @@ class SplitSettings:
     test_fraction: float = 0.2
     seed: int = 0
     folds: int = 5
-    # True: images sharing the dataset's group value (a slide, a video, a patient) never straddle
-    # train and test. False: the group column is only used to report metrics per group (taxa).
-    grouped: bool = False
+    # The leakage unit: a column (video, patient, specimen, slide) whose images never straddle train
+    # and test. Distinct from the dataset's `group`, which only chooses subsets to report metrics on.
+    group_by: str | None = None
+    # No single leakage unit above this share of a class's test images, where the data allow it.
+    max_group_share: float = 0.5
+    # Cross-split near-duplicates (perceptual hash within `near_duplicate_distance` bits):
+    # keep (report only), drop (the test-side copy leaves the split) or group (one leakage unit).
+    near_duplicates: str = "keep"
+    near_duplicate_distance: int = 4
+
+    @property
+    def grouped(self) -> bool:
+        """True when the split keeps leakage units on one side (the old ``split.grouped`` flag)."""
+        return self.group_by is not None
 
 
 @dataclass(frozen=True)
@@ -141,29 +161,143 @@ def resolve_catalog_path(name_or_path: str | os.PathLike | None = None) -> Path:
     return shipped
 
 
-def load_catalog(name_or_path: str | os.PathLike | None = None) -> Catalog:
-    path = resolve_catalog_path(name_or_path)
+class _CatalogLoader(yaml.SafeLoader):
+    """YAML that cannot surprise: a key given twice, an alias (``*ref``: nested aliases expand
+    exponentially, the "billion laughs") or absurd nesting is refused instead of silently accepted."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise CatalogError(f"line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not "
+                               "allowed in a catalog; write the value out")
+        self._nfhm_depth = getattr(self, "_nfhm_depth", 0) + 1
+        try:
+            if self._nfhm_depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise CatalogError(f"line {mark.line + 1}: nested more than {MAX_YAML_DEPTH} levels deep; "
+                                   "a catalog needs only a few")
+            return super().compose_node(parent, index)
+        finally:
+            self._nfhm_depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                raise CatalogError(f"line {key_node.start_mark.line + 1}: a mapping key must be a name, "
+                                   f"not {type(key).__name__}") from None
+            if key in seen:
+                raise CatalogError(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice (first on "
+                                   f"line {seen[key]}); YAML would silently keep only the last one")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_catalog_yaml(path: Path) -> Any:
+    """The parsed YAML of a catalog file, with every refusal naming the file."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        size = path.stat().st_size
+        if size > MAX_CATALOG_BYTES:
+            raise CatalogError(f"catalog {path}: {size} bytes; a catalog is at most {MAX_CATALOG_BYTES} bytes")
+        text = path.read_text(encoding="utf-8")
+        return yaml.load(text, Loader=_CatalogLoader)  # noqa: S506 - a SafeLoader subclass
+    except CatalogError as exc:
+        raise CatalogError(f"catalog {path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise CatalogError(f"catalog {path}: not valid YAML: {exc}") from None
     except UnicodeDecodeError:
         raise CatalogError(f"catalog {path}: not UTF-8 text; re-save it as UTF-8") from None
-    return parse_catalog(raw, path)
+    except RecursionError:
+        raise CatalogError(f"catalog {path}: nested too deeply to read") from None
+    except OSError as exc:
+        raise CatalogError(f"catalog {path}: cannot be read: {exc.strerror}") from None
 
 
-def parse_catalog(raw: Any, path: Path) -> Catalog:
+def load_catalog(name_or_path: str | os.PathLike | None = None) -> Catalog:
+    path = resolve_catalog_path(name_or_path)
+    return parse_catalog(read_catalog_yaml(path), path)
+
+
+def parse_catalog(raw: Any, path: Path, *, _including: tuple[Path, ...] = ()) -> Catalog:
     where = f"catalog {path}"
     if not isinstance(raw, dict):
         raise CatalogError(f"{where}: top level must be a mapping with 'datasets' and 'models'")
-    unknown = set(raw) - {"datasets", "models", "description"}
+    unknown = set(raw) - _TOP_LEVEL_FIELDS
     if unknown:
-        raise CatalogError(f"{where}: unknown top-level field(s) {sorted(unknown)}; expected datasets, models")
-    models_raw = _mapping(raw.get("models"), f"{where}: field 'models'")
+        raise CatalogError(f"{where}: unknown top-level field(s) {_names(unknown)}; "
+                           f"expected {sorted(_TOP_LEVEL_FIELDS)}")
+    _text(raw.get("description", ""), f"{where}: field 'description'")
+    included = _included_models(raw.get("include_models"), path, _including)
+    models_raw = raw.get("models") or {}
+    if not isinstance(models_raw, dict) or not (models_raw or included):
+        raise CatalogError(f"{where}: field 'models' must be a non-empty mapping of name → entry "
+                           "(or give 'include_models')")
     datasets_raw = _mapping(raw.get("datasets"), f"{where}: field 'datasets'")
-    models = {key: _parse_model(key, entry, path) for key, entry in models_raw.items()}
+    models = dict(included)
+    for key, entry in models_raw.items():
+        models[key] = _parse_model_entry(key, entry, path, _including)
     datasets = {name: _parse_dataset(name, entry, path, models) for name, entry in datasets_raw.items()}
     return Catalog(name=path.stem, path=path, datasets=datasets, models=models)
+
+
+def _included_models(value: Any, path: Path, including: tuple[Path, ...]) -> dict[str, "ModelSpec"]:
+    """``include_models: [shared, ./other.yaml]``: every model of those catalogs, with their paths
+    resolved against THEIR folder (so a shipped catalog's weights path works from anywhere)."""
+    if value is None:
+        return {}
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise CatalogError(f"catalog {path}: field 'include_models' must be a catalog name or a list of them")
+    models: dict[str, ModelSpec] = {}
+    for name in names:
+        models.update(_other_catalog(name, path, including).models)
+    return models
+
+
+def _other_catalog(name: str, path: Path, including: tuple[Path, ...]) -> "Catalog":
+    target = name if name in available_catalogs() else str((path.parent / name).resolve())
+    other = resolve_catalog_path(target)
+    if other == path or other in including:
+        raise CatalogError(f"catalog {path}: including {name!r} would include {path.name} in itself")
+    return parse_catalog(read_catalog_yaml(other), other, _including=(*including, path))
+
+
+def _parse_model_entry(key: Any, entry: Any, path: Path, including: tuple[Path, ...]) -> "ModelSpec":
+    """A model entry, or ``{from: <catalog>}``: the entry of the same name in another catalog."""
+    if isinstance(entry, dict) and "from" in entry:
+        where = f"catalog {path}: model {key!r}"
+        source = entry["from"]
+        if set(entry) != {"from"} or not isinstance(source, str) or not source:
+            raise CatalogError(f"{where}: an entry with 'from' takes only that field, the name of another catalog")
+        other = _other_catalog(source, path, including)
+        if key not in other.models:
+            raise CatalogError(f"{where}: catalog {source!r} has no model {key!r}; it has {sorted(other.models)}")
+        return other.models[key]
+    return _parse_model(key, entry, path)
+
+
+def _names(values) -> list[str]:
+    return sorted(str(v) for v in values)
+
+
+def _text(value: Any, where: str, *, limit: int = 10_000) -> str:
+    """A free-text field: a string (numbers are accepted as text), of bounded length."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise CatalogError(f"{where} must be text, got {type(value).__name__}")
+    text = str(value)
+    if len(text) > limit:
+        raise CatalogError(f"{where} is {len(text)} characters long; at most {limit}")
+    return text
+
+
+def _scalar_choice(value: Any, choices, where: str) -> Any:
+    """``value`` if it is one of ``choices`` (lists and mappings are refused by name, not by TypeError)."""
+    if isinstance(value, (list, dict, set)) or value not in choices:
+        raise CatalogError(f"{where} is {value!r}; expected one of {sorted(choices)}")
+    return value
 
 
 def _mapping(value: Any, where: str) -> dict:
@@ -173,12 +307,15 @@ def _mapping(value: Any, where: str) -> dict:
 
 
 def _check_slug(key: Any, where: str) -> str:
-    if not isinstance(key, str) or not SLUG.fullmatch(key):
+    if not isinstance(key, str) or not SLUG.fullmatch(key) or ".." in key:
         raise CatalogError(
-            f"{where}: name {key!r} is not a slug ([a-z0-9._-], starting with a letter or digit); "
+            f"{where}: name {key!r} is not a slug ([a-z0-9._-], starting with a letter or digit, no '..'); "
             "it becomes a partition key and a folder name. Put a hub id such as "
             "'hf-hub:org/repo' in the entry's 'model' field instead"
         )
+    if len(key) > MAX_NAME_LENGTH:
+        raise CatalogError(f"{where}: name is {len(key)} characters long; at most {MAX_NAME_LENGTH} "
+                           "(it becomes a folder and file name)")
     return key
 
 
@@ -187,13 +324,14 @@ def _parse_model(key: Any, entry: Any, path: Path) -> ModelSpec:
     _check_slug(key, where)
     if not isinstance(entry, dict):
         raise CatalogError(f"{where}: entry must be a mapping with at least 'loader'")
-    loader = entry.get("loader")
-    if loader not in LOADERS:
-        raise CatalogError(f"{where}: field 'loader' is {loader!r}; expected one of {sorted(LOADERS)}")
-    unknown = set(entry) - _MODEL_FIELDS - {"loader"} - LOADER_KEYS[loader]
+    loader = _scalar_choice(entry.get("loader"), LOADERS, f"{where}: field 'loader'")
+    fields = LOADERS[loader].fields
+    unknown = set(entry) - _MODEL_FIELDS - {"loader"} - fields
     if unknown:
-        raise CatalogError(f"{where}: unknown field(s) {sorted(unknown)} for loader {loader!r}; "
-                           f"allowed: {sorted(LOADER_KEYS[loader] | _MODEL_FIELDS)}")
+        raise CatalogError(f"{where}: unknown field(s) {_names(unknown)} for loader {loader!r}; "
+                           f"allowed: {sorted(fields | _MODEL_FIELDS)}")
+    for name, value in entry.items():
+        _check_model_value(name, value, f"{where}: field {name!r}")
     build = entry.get("build")
     # Weights the project builds itself live under NFHM_DATA_DIR: keep their paths relative.
     params = {k: (v if build else _expand_paths(k, v, path))
@@ -201,7 +339,24 @@ def _parse_model(key: Any, entry: Any, path: Path) -> ModelSpec:
     if build is not None and build != "tiny_openclip":
         raise CatalogError(f"{where}: field 'build' is {build!r}; the only builder is 'tiny_openclip'")
     return ModelSpec(key=key, loader=loader, params=params,
-                     description=str(entry.get("description", "")), build=build)
+                     description=_text(entry.get("description", ""), f"{where}: field 'description'"), build=build)
+
+
+# Fields whose value is a list of numbers (normalisation constants); every other field is a scalar.
+_LIST_FIELDS = {"mean", "std"}
+_BOOL_FIELDS = {"trust_remote_code"}
+
+
+def _check_model_value(name: str, value: Any, where: str) -> None:
+    if name in _LIST_FIELDS:
+        if not isinstance(value, list) or not value or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise CatalogError(f"{where} must be a list of numbers, one per channel, got {value!r}")
+    elif name in _BOOL_FIELDS:
+        if not isinstance(value, bool):
+            raise CatalogError(f"{where} must be true or false, got {value!r}")
+    elif isinstance(value, (list, dict)) or value is None:
+        raise CatalogError(f"{where} must be a single value (text or number), got {type(value).__name__}")
 
 
 def _parse_dataset(name: Any, entry: Any, path: Path, models: dict[str, ModelSpec]) -> DatasetSpec:
@@ -211,49 +366,102 @@ def _parse_dataset(name: Any, entry: Any, path: Path, models: dict[str, ModelSpe
         raise CatalogError(f"{where}: dataset names become asset-key prefixes; use [a-z0-9_] only")
     if not isinstance(entry, dict):
         raise CatalogError(f"{where}: entry must be a mapping with at least 'reader' and 'labels'")
-    reader = entry.get("reader")
-    if reader not in READERS:
-        raise CatalogError(f"{where}: field 'reader' is {reader!r}; expected one of {sorted(READERS)}")
+    reader = _scalar_choice(entry.get("reader"), READERS, f"{where}: field 'reader'")
     unknown = set(entry) - _DATASET_FIELDS - READERS[reader]
     if unknown:
         raise CatalogError(
-            f"{where}: unknown field(s) {sorted(unknown)} for reader {reader!r}; "
+            f"{where}: unknown field(s) {_names(unknown)} for reader {reader!r}; "
             f"allowed: {sorted(_DATASET_FIELDS | READERS[reader])}"
         )
     labels = entry.get("labels")
     if isinstance(labels, str):
         labels = [labels]
-    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x for x in labels):
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x.strip() for x in labels):
         raise CatalogError(f"{where}: field 'labels' must be a non-empty list of label column names, finest first")
     if len(set(labels)) != len(labels):
         raise CatalogError(f"{where}: field 'labels' lists a column twice: {labels}")
+    for level in labels:
+        _check_column_name(level, f"{where}: field 'labels'")
     group = entry.get("group")
-    if group is not None and not isinstance(group, str):
-        raise CatalogError(f"{where}: field 'group' must be a column name")
-    split = _parse_split(entry.get("split") or {}, where)
-    if split.grouped and not group:
-        raise CatalogError(f"{where}: field 'split.grouped' is true but the dataset declares no 'group' column")
-    prompts = entry.get("prompts", "generic")
-    if prompts not in PROMPT_SETS:
-        raise CatalogError(f"{where}: field 'prompts' is {prompts!r}; expected one of {sorted(PROMPT_SETS)}")
-    policy = entry.get("uncertain_policy", "ignore")
-    if policy not in UNCERTAIN_POLICIES:
-        raise CatalogError(f"{where}: field 'uncertain_policy' is {policy!r}; expected one of {sorted(UNCERTAIN_POLICIES)}")
+    if group is not None:
+        if not isinstance(group, str) or not group.strip():
+            raise CatalogError(f"{where}: field 'group' must be a column name")
+        _check_column_name(group, f"{where}: field 'group'")
+        if group in labels:
+            raise CatalogError(f"{where}: field 'group' is {group!r}, which is also a label level")
+        if reader not in _GROUP_READERS:
+            raise CatalogError(f"{where}: field 'group' is set but reader {reader!r} has no per-image column "
+                               "to read it from; use label_csv with group_column, or drop 'group'")
+    split = _parse_split(entry.get("split") or {}, where, group)
+    if split.group_by is not None:
+        _check_column_name(split.group_by, f"{where}: field 'split.group_by'")
+        if reader not in _SPLIT_GROUP_READERS and split.group_by != group:
+            raise CatalogError(f"{where}: field 'split.group_by' needs a per-image column, which reader "
+                               f"{reader!r} cannot read; readers with one: {sorted(_SPLIT_GROUP_READERS)}")
+    max_levels = _READER_LEVELS.get(reader)
+    if max_levels is not None and len(labels) > max_levels and "taxonomy" not in entry:
+        raise CatalogError(
+            f"{where}: field 'labels' lists {len(labels)} levels {labels} but reader {reader!r} supplies only "
+            f"{max_levels} (the folder or class name); add 'taxonomy: <csv with columns {', '.join(labels)}>' "
+            "to look the coarser levels up, or keep one level"
+            if reader == "image_folder" else
+            f"{where}: field 'labels' lists {len(labels)} levels {labels} but reader {reader!r} supplies only one"
+        )
+    if "delimiter" in entry:
+        _scalar_choice(entry["delimiter"], CSV_DELIMITERS, f"{where}: field 'delimiter'")
+    if "underscores_to_spaces" in entry and not isinstance(entry["underscores_to_spaces"], bool):
+        raise CatalogError(f"{where}: field 'underscores_to_spaces' must be true or false")
+    prompts = _scalar_choice(entry.get("prompts", "generic"), PROMPT_SETS, f"{where}: field 'prompts'")
+    policy = _scalar_choice(entry.get("uncertain_policy", "ignore"), UNCERTAIN_POLICIES,
+                            f"{where}: field 'uncertain_policy'")
     model_keys = entry.get("models")
     if model_keys is not None:
-        if not isinstance(model_keys, list) or not model_keys:
+        if not isinstance(model_keys, list) or not model_keys or not all(isinstance(m, str) for m in model_keys):
             raise CatalogError(f"{where}: field 'models' must be a non-empty list of model names")
         missing = [m for m in model_keys if m not in models]
         if missing:
             raise CatalogError(f"{where}: field 'models' names unknown model(s) {missing}; known: {sorted(models)}")
+        if len(set(model_keys)) != len(model_keys):
+            raise CatalogError(f"{where}: field 'models' names a model twice: {model_keys}")
         model_keys = tuple(model_keys)
+    for key in READERS[reader] & set(entry):
+        if key not in ("findings", "class_names") and isinstance(entry[key], (list, dict)):
+            raise CatalogError(f"{where}: field {key!r} must be a single value, got {type(entry[key]).__name__}")
+    if reader == "chexpert_csv":
+        _check_findings(entry.get("findings"), labels, where)
     params = {k: _expand_paths(k, v, path) for k, v in entry.items() if k in READERS[reader]}
     return DatasetSpec(
         name=name, reader=reader, params=params, labels=tuple(labels), group=group, split=split,
-        prompts=str(entry.get("prompts", "generic")), description=str(entry.get("description", "")),
+        prompts=prompts, description=_text(entry.get("description", ""), f"{where}: field 'description'"),
         multilabel=reader == "chexpert_csv", uncertain_policy=policy, models=model_keys,
         umap=_parse_umap(entry.get("umap") or {}, where),
     )
+
+
+def _check_column_name(name: str, where: str) -> None:
+    """A label level / group names a source column and becomes part of file names and titles: it
+    must not collide with the manifest's own columns, nor carry path or control characters."""
+    if name in RESERVED_COLUMNS:
+        raise CatalogError(f"{where}: {name!r} is a column the manifest itself defines "
+                           f"(reserved: {sorted(RESERVED_COLUMNS)}); rename the source column")
+    if len(name) > MAX_NAME_LENGTH or any(c in name for c in "/\\") or name.startswith(".") or any(
+            ord(c) < 32 for c in name):
+        raise CatalogError(f"{where}: {name!r} is not usable as a column name (at most {MAX_NAME_LENGTH} "
+                           "characters, no '/', '\\', control characters or leading '.')")
+
+
+def _check_findings(findings: Any, labels: list[str], where: str) -> None:
+    """CheXpert ``findings``, checked at load rather than at the first run."""
+    if findings is None:
+        return
+    if not isinstance(findings, list) or not findings or not all(isinstance(f, str) and f.strip() for f in findings):
+        raise CatalogError(f"{where}: field 'findings' must be a non-empty list of CSV column names, got {findings!r}")
+    if len(set(findings)) != len(findings):
+        raise CatalogError(f"{where}: field 'findings' lists a column twice: {findings}")
+    clash = sorted(set(findings) & (RESERVED_COLUMNS | set(labels)))
+    if clash:
+        raise CatalogError(f"{where}: field 'findings' uses reserved manifest column name(s) {clash}; rename the "
+                           "CSV column(s) or the dataset's 'labels' entry")
 
 
 def _parse_umap(raw: Any, where: str) -> dict:
@@ -271,35 +479,62 @@ def _parse_umap(raw: Any, where: str) -> dict:
     return grid
 
 
-def _parse_split(raw: Any, where: str) -> SplitSettings:
+def _parse_split(raw: Any, where: str, group: str | None = None) -> SplitSettings:
     if not isinstance(raw, dict):
-        raise CatalogError(f"{where}: field 'split' must be a mapping (test_fraction, seed, folds)")
-    unknown = set(raw) - {"test_fraction", "seed", "folds", "grouped"}
+        raise CatalogError(f"{where}: field 'split' must be a mapping (test_fraction, seed, folds, group_by)")
+    unknown = set(raw) - _SPLIT_FIELDS
     if unknown:
-        raise CatalogError(f"{where}: field 'split' has unknown key(s) {sorted(unknown)}")
+        raise CatalogError(f"{where}: field 'split' has unknown key(s) {_names(unknown)}; "
+                           f"allowed: {sorted(_SPLIT_FIELDS)}")
     frac = raw.get("test_fraction", 0.2)
-    if not isinstance(frac, (int, float)) or not 0 < frac < 1:
+    if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac < 1:
         raise CatalogError(f"{where}: field 'split.test_fraction' must be a number between 0 and 1, got {frac!r}")
     seed = raw.get("seed", 0)
     folds = raw.get("folds", 5)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise CatalogError(f"{where}: field 'split.seed' must be an integer, got {seed!r}")
-    if not isinstance(folds, int) or isinstance(folds, bool) or folds < 2:
-        raise CatalogError(f"{where}: field 'split.folds' must be an integer ≥ 2, got {folds!r}")
+    if not isinstance(folds, int) or isinstance(folds, bool) or not 2 <= folds <= 100:
+        raise CatalogError(f"{where}: field 'split.folds' must be an integer from 2 to 100, got {folds!r}")
     grouped = raw.get("grouped", False)
     if not isinstance(grouped, bool):
         raise CatalogError(f"{where}: field 'split.grouped' must be true or false, got {grouped!r}")
-    return SplitSettings(test_fraction=float(frac), seed=seed, folds=folds, grouped=grouped)
+    group_by = raw.get("group_by")
+    if group_by is not None and (not isinstance(group_by, str) or not group_by.strip()):
+        raise CatalogError(f"{where}: field 'split.group_by' must be a column name (video, patient, specimen…)")
+    if grouped:
+        # The old flag: the reporting group doubles as the leakage unit.
+        if not group:
+            raise CatalogError(f"{where}: field 'split.grouped' is true but the dataset declares no 'group' column; "
+                               "name the leakage unit with 'split.group_by: <column>' instead")
+        if group_by is not None and group_by != group:
+            raise CatalogError(f"{where}: 'split.grouped: true' means group_by = {group!r}, but 'split.group_by' "
+                               f"is {group_by!r}; drop 'grouped'")
+        group_by = group
+    share = raw.get("max_group_share", 0.5)
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+        raise CatalogError(f"{where}: field 'split.max_group_share' must be a number in (0, 1], got {share!r}")
+    action = _scalar_choice(raw.get("near_duplicates", "keep"), NEAR_DUPLICATE_ACTIONS,
+                            f"{where}: field 'split.near_duplicates'")
+    distance = raw.get("near_duplicate_distance", 4)
+    if isinstance(distance, bool) or not isinstance(distance, int) or not 0 <= distance <= 32:
+        raise CatalogError(f"{where}: field 'split.near_duplicate_distance' must be an integer from 0 to 32 "
+                           f"(bits of a 64-bit perceptual hash), got {distance!r}")
+    return SplitSettings(test_fraction=float(frac), seed=seed, folds=folds, group_by=group_by,
+                         max_group_share=float(share), near_duplicates=action, near_duplicate_distance=distance)
 
 
-_PATH_FIELDS = {"csv", "image_root", "root", "npz", "weights", "state_dict", "pretrained"}
+# Reader fields that name files; the model fields that do come from each LoaderRecord.path_fields.
+_PATH_FIELDS = {"csv", "image_root", "root", "npz", "taxonomy"} | {
+    f for record in LOADERS.values() for f in record.path_fields}
 
 
 def _expand_paths(key: str, value: Any, catalog_path: Path) -> Any:
     """Expand ``${VAR:-default}`` in path fields and anchor relative paths at the catalog's folder."""
     if key not in _PATH_FIELDS or not isinstance(value, str) or value.startswith("hf-hub:"):
         return value
-    expanded = _ENV_REF.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), value)
+    # An unset variable without a default stays as written, so the file-not-found error shows it.
+    expanded = _ENV_REF.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) if m.group(2) is not None
+                                                                       else m.group(0)), value)
     if key == "pretrained" and not (expanded.startswith((".", "/", "~", "$")) or expanded.endswith(
             (".pt", ".bin", ".safetensors", ".pth"))):
         return expanded  # an open_clip pretrained *tag* such as 'laion2b_s34b_b79k'

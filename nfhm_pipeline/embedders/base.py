@@ -194,12 +194,10 @@ def weights_identity(path: str | os.PathLike) -> str:
 
 def require_local_file(path: str | os.PathLike, *, model_id: str, what: str = "weights file") -> str:
     """Return `path` as str if it is a file, else raise MissingWeightsError saying how to fix it."""
-    p = Path(os.path.expanduser(str(path)))
-    if not p.is_file():
-        raise MissingWeightsError(
-            f"model {model_id!r}: {what} {p} does not exist. Copy the file there, or change the "
-            f"path in the model's catalog entry.")
-    return str(p)
+    need = RequiredFiles(model_id)
+    found = need.local(path, what=what)
+    need.raise_if_missing()
+    return found
 
 
 # -- Hugging Face Hub, offline-aware --------------------------------------------------------------
@@ -270,30 +268,129 @@ def _short_reason(exc: BaseException) -> str:
 
 def missing_hub_message(model_id: str, repo_id: str, files: Sequence[str], settings: HubSettings,
                         cause: BaseException | None = None) -> str:
-    mode = "loading is offline (HF_HUB_OFFLINE=1 or no network)" if settings.offline else "the download failed"
-    return (
-        f"model {model_id!r}: {' / '.join(files)} of Hugging Face repo {repo_id} is not in the local "
-        f"cache {settings.cache_dir} and {mode}. To provide it: on a machine with internet run "
-        f"`hf download {repo_id}` (older clients: `huggingface-cli download {repo_id}`) and copy its "
-        f"models--{repo_id.replace('/', '--')} folder into {settings.cache_dir} (or point HF_HUB_CACHE "
-        f"at a copied cache), or set `weights: /path/to/file` in the catalog entry."
-        + (f" [{_short_reason(cause)}]" if cause and not settings.offline else ""))
+    """The MissingWeightsError text for one Hugging Face repo whose `files` (alternatives) are absent."""
+    need = RequiredFiles(model_id, settings)
+    need.gaps.append(_Gap(what="files", names=tuple(files), repo=repo_id,
+                          reason="" if cause is None or settings.offline else _short_reason(cause)))
+    return need.message()
 
 
 def hub_download(repo_id: str, filenames: Sequence[str], *, model_id: str, settings: HubSettings,
                  revision: str | None = None) -> str:
     """Local path of the first of `filenames` found for `repo_id` (cache first; network only when
     not offline). Raises MissingWeightsError naming the repo, files, cache and the fix."""
-    from huggingface_hub import hf_hub_download
+    need = RequiredFiles(model_id, settings)
+    found = need.hub(repo_id, filenames, what="files", revision=revision)
+    need.raise_if_missing()
+    return found
 
-    last: BaseException | None = None
-    for filename in filenames:
-        try:
-            return hf_hub_download(repo_id, filename, revision=revision, cache_dir=settings.cache_dir,
-                                   local_files_only=settings.offline)
-        except Exception as e:  # LocalEntryNotFoundError, EntryNotFound, HTTP/connection errors, OSError
-            last = e
-    raise MissingWeightsError(missing_hub_message(model_id, repo_id, filenames, settings, last)) from None
+
+# -- every file a model needs, checked before loading ------------------------------------------------
+@dataclass(frozen=True)
+class _Gap:
+    what: str                   # what the file is for the model: 'weights', 'state_dict file', ...
+    names: tuple[str, ...]      # a local path, or file names of which any one will do
+    repo: str | None = None     # Hugging Face repo id; None for a local path
+    folder: str | None = None   # local folder holding one of `names`
+    reason: str = ""            # why a download failed (online only)
+    whole_repo: bool = True     # fetch advice: the whole repo, or only these files
+
+
+class RequiredFiles:
+    """Resolves every file one model needs before anything is built, then raises ONE
+    MissingWeightsError naming all that are missing (a user who fetches what it lists has
+    everything on the next run, instead of learning of the next file from the next failure).
+
+        need = RequiredFiles(model_id, settings)
+        weights = need.hub("org/repo", ["model.safetensors", "pytorch_model.bin"], what="weights")
+        tuned = need.local("/path/ft.pt", what="state_dict file")
+        need.raise_if_missing()   # from here on, every value returned above is a path (str)
+
+    `hub` and `local` return None for a missing file, so a caller can go on collecting.
+    """
+
+    def __init__(self, model_id: str, settings: HubSettings | None = None, *,
+                 local_hint: str = "set `weights: /path/to/file` in the catalog entry"):
+        self.model_id, self.settings, self.local_hint = model_id, settings, local_hint
+        self.gaps: list[_Gap] = []
+
+    def local(self, path: str | os.PathLike, *, what: str = "weights file") -> str | None:
+        p = Path(os.path.expanduser(str(path)))
+        if p.is_file():
+            return str(p)
+        self.gaps.append(_Gap(what=what, names=(str(p),)))
+        return None
+
+    def in_folder(self, folder: str | os.PathLike, filenames: Sequence[str], *, what: str) -> str | None:
+        """Path of the first of `filenames` present in the local `folder`."""
+        folder = Path(os.path.expanduser(str(folder)))
+        for filename in filenames:
+            if (folder / filename).is_file():
+                return str(folder / filename)
+        self.gaps.append(_Gap(what=what, names=tuple(filenames), folder=str(folder)))
+        return None
+
+    def hub(self, repo_id: str, filenames: Sequence[str], *, what: str, revision: str | None = None,
+            whole_repo: bool = True) -> str | None:
+        """Local path of the first of `filenames` in `repo_id` (cache first; network only when not offline)."""
+        from huggingface_hub import hf_hub_download
+
+        if self.settings is None:
+            raise TypeError("RequiredFiles.hub needs HubSettings")
+        last: BaseException | None = None
+        for filename in filenames:
+            try:
+                return hf_hub_download(repo_id, filename, revision=revision, cache_dir=self.settings.cache_dir,
+                                       local_files_only=self.settings.offline)
+            except Exception as e:  # LocalEntryNotFoundError, EntryNotFound, HTTP/connection errors, OSError
+                last = e
+        self.gaps.append(_Gap(what=what, names=tuple(filenames), repo=repo_id, whole_repo=whole_repo,
+                              reason="" if last is None or self.settings.offline else _short_reason(last)))
+        return None
+
+    def raise_if_missing(self) -> None:
+        if self.gaps:
+            raise MissingWeightsError(self.message())
+
+    def message(self) -> str:
+        local = [g for g in self.gaps if g.repo is None]
+        repos: dict[str, list[_Gap]] = {}
+        for g in self.gaps:
+            if g.repo is not None:
+                repos.setdefault(g.repo, []).append(g)
+        items = [f"{_gap_files(g)} is not in folder {g.folder}" if g.folder else f"{g.what} {g.names[0]} does not exist"
+                 for g in local]
+        items += [", ".join(_gap_files(g) for g in gaps) + f" of Hugging Face repo {repo}"
+                  for repo, gaps in repos.items()]
+        count = len(local) + sum(len(g) for g in repos.values())
+        head = (f"model {self.model_id!r}: {items[0]}" if count == 1 else
+                f"model {self.model_id!r} needs {count} files that are missing (all are listed here): "
+                + "; ".join(f"({i}) {text}" for i, text in enumerate(items, 1)))
+        parts = [head + "."]
+        if local:
+            parts.append("Copy the file" + ("s" if len(local) > 1 else "") + " there, or change the path"
+                         + ("s" if len(local) > 1 else "") + " in the model's catalog entry.")
+        if repos:
+            s = self.settings
+            mode = ("loading is offline (HF_HUB_OFFLINE=1 or no network)" if s.offline else "the download failed")
+            commands = [f"`hf download {repo}`" if all(g.whole_repo for g in gaps) else
+                        f"`hf download {repo} {' '.join(g.names[0] for g in gaps)}`" for repo, gaps in repos.items()]
+            folders = [f"models--{repo.replace('/', '--')}" for repo in repos]
+            one = len(repos) == 1
+            parts.append(
+                f"{'It is' if count == 1 else 'They are'} not in the local cache {s.cache_dir} and {mode}. "
+                f"To provide {'it' if count == 1 else 'them'}: on a machine with internet run "
+                f"{' and '.join(commands)} (older clients: `huggingface-cli download` with the same arguments) "
+                f"and copy {'its' if one else 'the'} {' and '.join(folders)} folder{'' if one else 's'} into "
+                f"{s.cache_dir} (or point HF_HUB_CACHE at a copied cache), or {self.local_hint}.")
+            reasons = sorted({g.reason for g in self.gaps if g.reason})
+            if reasons:
+                parts.append(f"[{'; '.join(reasons)}]")
+        return " ".join(parts)
+
+
+def _gap_files(gap: _Gap) -> str:
+    return f"{gap.what} ({' / '.join(gap.names)})"
 
 
 def load_state_dict_file(path: str, *, model_id: str) -> dict:

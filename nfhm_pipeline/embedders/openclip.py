@@ -28,8 +28,8 @@ import os
 from pathlib import Path
 
 from nfhm_pipeline.errors import MissingWeightsError, ModelLoadError
-from .base import (Embedder, _short_reason, hub_download, hub_env, hub_settings, load_state_dict_file,
-                   require_local_file, weights_identity)
+from .base import (Embedder, RequiredFiles, _short_reason, hub_env, hub_settings, load_state_dict_file,
+                   weights_identity)
 from .preprocess import PreprocessSpec
 from .tiny import TINY_OPENCLIP_NAME, register_tiny_openclip_config
 
@@ -84,8 +84,8 @@ def preprocess_from_open_clip(model, model_id: str) -> PreprocessSpec:
                           mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
 
 
-def _resolve_tag(name: str, tag: str, model_id: str, settings) -> str:
-    """Local file for a built-in open_clip pretrained tag, or MissingWeightsError."""
+def _resolve_tag(name: str, tag: str, model_id: str, need: RequiredFiles) -> str | None:
+    """Local file for a built-in open_clip pretrained tag, or None with the gap recorded in `need`."""
     import open_clip
 
     cfg = open_clip.get_pretrained_cfg(name, tag)
@@ -93,30 +93,42 @@ def _resolve_tag(name: str, tag: str, model_id: str, settings) -> str:
         raise ModelLoadError(f"model {model_id!r}: {tag!r} is neither an open_clip pretrained tag for {name} "
                              f"nor a file path. Known tags: {open_clip.list_pretrained_tags_by_model(name)}")
     if cfg.get("file"):
-        return require_local_file(cfg["file"], model_id=model_id)
+        return need.local(cfg["file"], what="weights file")
     if cfg.get("hf_hub"):
         repo, filename = os.path.split(cfg["hf_hub"])
         filename = filename or HF_WEIGHTS[1]
         candidates = ([HF_WEIGHTS[0]] if filename == HF_WEIGHTS[1] else
                       [filename[:-4] + ".safetensors"] if filename.endswith((".bin", ".pth")) else []) + [filename]
-        return hub_download(repo, candidates, model_id=model_id, settings=settings)
+        return need.hub(repo, candidates, what=f"weights {name}/{tag}")
     url = cfg.get("url", "")
     cached = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
-    if cached.is_file():
-        return str(cached)
-    raise MissingWeightsError(
-        f"model {model_id!r}: open_clip weights {name}/{tag} are not in {cached.parent} and only "
-        f"downloadable from {url}. Download that file on a machine with internet into {cached.parent}, "
-        "or set `weights: /path/to/file` in the catalog entry.")
+    return need.local(cached, what=f"open_clip weights {name}/{tag} (only downloadable from {url})")
 
 
-def _resolve_state_dict(ref: str, model_id: str, settings) -> str:
+def _resolve_state_dict(ref: str, model_id: str, need: RequiredFiles) -> str | None:
     if ref.startswith(HF_PREFIX):
         parts = ref[len(HF_PREFIX):].split("/")
         if len(parts) < 3:
             raise ModelLoadError(f"model {model_id!r}: state_dict {ref!r} must be 'hf-hub:org/repo/filename'")
-        return hub_download("/".join(parts[:2]), ["/".join(parts[2:])], model_id=model_id, settings=settings)
-    return require_local_file(ref, model_id=model_id, what="state_dict file")
+        return need.hub("/".join(parts[:2]), ["/".join(parts[2:])], what="state_dict", whole_repo=False)
+    return need.local(ref, what="state_dict file")
+
+
+def _need_hf_text_tower(model_cfg: dict, need: RequiredFiles) -> None:
+    """A text tower or tokenizer from another Hugging Face repo (BiomedCLIP's PubMedBERT) is a
+    file the model needs too: require that repo's config.json (or tokenizer_config.json)."""
+    text_cfg = (model_cfg or {}).get("text_cfg") or {}
+    for repo in dict.fromkeys(r for r in (text_cfg.get("hf_model_name"), text_cfg.get("hf_tokenizer_name")) if r):
+        need.hub(repo, ["config.json", "tokenizer_config.json"], what="text tower / tokenizer")
+
+
+def _read_json(path: str, model_id: str) -> dict:
+    import json
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"model {model_id!r}: {path} is not a readable JSON file ({_short_reason(e)})") from None
 
 
 def apply_state_dict(model, path: str, model_id: str) -> dict:
@@ -158,24 +170,34 @@ def load_open_clip(spec: dict, *, model_id: str, device="cpu", precision="fp32",
     pretrained = spec.get("weights") or spec.get("pretrained")
     kwargs = dict(device=device, cache_dir=settings.cache_dir, weights_only=True, require_pretrained=True)
     config = {"model": name}
+    # Every file (base config and weights, text tower repo, state dict) is resolved before any is
+    # loaded, so one MissingWeightsError lists them all.
+    need = RequiredFiles(model_id, settings, local_hint="set `weights:` / `state_dict:` to local files in "
+                                                        "the catalog entry")
     with hub_env(settings):
         if name.startswith(HF_PREFIX):
             repo = name[len(HF_PREFIX):]
-            hub_download(repo, [HF_CONFIG], model_id=model_id, settings=settings)
-            weights_file = hub_download(repo, HF_WEIGHTS, model_id=model_id, settings=settings)
-            create_args = (name,)
+            config_file = need.hub(repo, [HF_CONFIG], what="open_clip config")
+            weights_file = need.hub(repo, HF_WEIGHTS, what="weights")
+            if config_file:
+                _need_hf_text_tower(_read_json(config_file, model_id).get("model_cfg"), need)
         else:
             if not pretrained:
                 raise ModelLoadError(f"model {model_id!r}: open_clip entry for {name} needs 'pretrained' "
                                      "(a tag or a checkpoint path) or 'weights'")
             if _looks_like_path(str(pretrained)):
-                weights_file = require_local_file(pretrained, model_id=model_id)
-                pretrained = weights_file
+                weights_file = need.local(pretrained, what="weights file")
             else:
-                weights_file = _resolve_tag(name, pretrained, model_id, settings)
+                weights_file = _resolve_tag(name, pretrained, model_id, need)
                 config["pretrained"] = pretrained
             config["architecture"] = open_clip.get_model_config(name)
-            create_args = (name, pretrained)
+            _need_hf_text_tower(config["architecture"], need)
+        sd_file = _resolve_state_dict(str(spec["state_dict"]), model_id, need) if spec.get("state_dict") else None
+        need.raise_if_missing()
+        if name.startswith(HF_PREFIX):
+            create_args = (name,)
+        else:
+            create_args = (name, weights_file if _looks_like_path(str(pretrained)) else pretrained)
         weights = [weights_identity(weights_file)]
         try:
             model, _, _ = open_clip.create_model_and_transforms(*create_args, **kwargs)
@@ -189,8 +211,7 @@ def load_open_clip(spec: dict, *, model_id: str, device="cpu", precision="fp32",
             raise ModelLoadError(f"model {model_id!r}: open_clip could not build {name} from "
                                  f"{weights_file} ({_short_reason(e)})") from None
         report = {"weights_file": weights_file}
-        if spec.get("state_dict"):
-            sd_file = _resolve_state_dict(str(spec["state_dict"]), model_id, settings)
+        if sd_file:
             report.update(apply_state_dict(model, sd_file, model_id), state_dict_file=sd_file)
             weights.append(weights_identity(sd_file))
     model.eval()

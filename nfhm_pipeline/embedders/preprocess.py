@@ -10,6 +10,15 @@ Preprocessing is split in two so that decoded pixels can be cached and shared:
 The resize arithmetic mirrors torchvision's `Resize(int)` + `CenterCrop` on PIL images (which is
 what open_clip, timm and torchvision weights use for inference), so pixels are identical to the
 models' own transforms.
+
+An image far longer than wide makes that intermediate huge (a 1 x 1,000,000 strip resized to a
+224-pixel shorter side is 224 x 224,000,000): above `MAX_RESIZED_PIXELS` only the source region that
+becomes the centre crop is resampled (PIL's ``resize(box=...)`` at the full resize's scale), which
+allocates little more than size x size. PIL takes the box in float32 and may order its two passes
+differently for it, so those pixels can differ from the full resize by a few levels: the crop-first
+path is used only where the full resize would not fit (never for an image validation accepts, 50:1 at
+most, resized to a shorter side of up to 565 px), and every other image takes the full-resize path,
+bit for bit as before.
 """
 from __future__ import annotations
 
@@ -22,6 +31,9 @@ from PIL import Image
 
 RESIZE_RULES = ("shorter_crop", "squash")
 INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+# Largest resized intermediate (pixels) made before the centre crop; above it the crop comes first.
+# 16 Mpx is 48 MB of RGB; ordinary photos downscaled to a 224-512 px shorter side stay far below it.
+MAX_RESIZED_PIXELS = 16_000_000
 
 
 @dataclass(frozen=True)
@@ -78,10 +90,12 @@ class PreprocessSpec:
         return key if self.resize_size is None else f"{key}-r{self.resize_size}"
 
 
-def decode_to_uint8(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+def decode_to_uint8(image: Image.Image, spec: PreprocessSpec, *,
+                    max_resized_pixels: int = MAX_RESIZED_PIXELS) -> np.ndarray:
     """Resize (and crop) a PIL image per `spec`; returns a C-contiguous uint8 array [3, size, size].
 
     Deterministic: the same image and pixel_key give the same bytes. Non-RGB modes are converted.
+    Memory stays bounded by `max_resized_pixels` for any aspect ratio (see the module docstring).
     """
     img = image if image.mode == "RGB" else image.convert("RGB")
     resample = INTERPOLATIONS[spec.interpolation]
@@ -97,11 +111,16 @@ def decode_to_uint8(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
             new_w, new_h = target, int(target * h / w)
         else:
             new_w, new_h = int(target * w / h), target
-        if (new_w, new_h) != (w, h):
-            img = img.resize((new_w, new_h), resample)
         left = int(round((new_w - size) / 2.0))
         top = int(round((new_h - size) / 2.0))
-        img = img.crop((left, top, left + size, top + size))
+        if new_w * new_h > max_resized_pixels:
+            # Only the source region that becomes the crop, at the full resize's per-axis scale.
+            sx, sy = w / new_w, h / new_h
+            img = img.resize((size, size), resample, box=(left * sx, top * sy, (left + size) * sx, (top + size) * sy))
+        else:
+            if (new_w, new_h) != (w, h):
+                img = img.resize((new_w, new_h), resample)
+            img = img.crop((left, top, left + size, top + size))
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
 
 

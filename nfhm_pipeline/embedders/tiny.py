@@ -8,9 +8,11 @@ meaningful only as a "no learned features" reference.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -53,13 +55,35 @@ def _tiny_state_dict(seed: int) -> dict:
     return dict(_tiny_state_dict_cached(seed))
 
 
+class _DropRandomInitWarning(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded for model 'nfhm-tiny-clip'" record: random weights
+    are the point when the seeded checkpoint is built, and a user reading it in a run's log (before the
+    checkpoint is then loaded) is told the model is random when it is not."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith("No pretrained weights loaded for model")
+                    and TINY_OPENCLIP_NAME in record.msg)
+
+
+@contextlib.contextmanager
+def _quiet_random_init():
+    # open_clip logs through the root logger (logging.warning); a filter on that logger, removed on
+    # exit, silences only this record and only while the tiny model is being built.
+    root, dropper = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(dropper)
+    try:
+        yield
+    finally:
+        root.removeFilter(dropper)
+
+
 @functools.lru_cache(maxsize=4)
 def _tiny_state_dict_cached(seed: int) -> dict:
     import open_clip
     import torch
 
     register_tiny_openclip_config()
-    with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's RNG
+    with torch.random.fork_rng(devices=[]), _quiet_random_init():  # seeded without disturbing the caller's RNG
         torch.manual_seed(seed)
         model = open_clip.create_model(TINY_OPENCLIP_NAME, pretrained=None)
     return {k: v.detach().contiguous() for k, v in model.state_dict().items()}

@@ -7,9 +7,11 @@ the same test images. Three modes:
   cannot be in both train and test) and reported; the test fraction is
   ``max(requested, n_classes / n_images_kept)`` so the stratified draw has room for every class;
   the draw is stratified by the label and seeded.
-* **grouped** (``group_column``, e.g. patient or slide): the test part is one fold of a seeded
-  ``StratifiedGroupKFold`` with ``round(1 / effective_fraction)`` splits, so no group straddles
-  train and test and the realised test fraction is close to, not exactly, the requested one.
+* **grouped** (``group_column``: the leakage unit, e.g. video, patient or slide): no group
+  straddles train and test. Groups are assigned whole by a seeded, class-aware greedy search (see
+  :func:`grouped_test_mask`) that aims at each class's share of the requested fraction and keeps
+  any single group to at most ``max_group_share`` of a class's test images where the data allow
+  it. The realised fraction is within ``fraction_tolerance`` of the target, else a warning says why.
 * **official** (``official_split_column``, e.g. MedMNIST ``train``/``val``/``test``): ``test`` rows
   are the test part; ``train`` and ``val`` rows are both train (CV folds replace the validation
   set), their official split stays visible in the ``official_split`` column. No row is dropped:
@@ -21,7 +23,7 @@ identical output.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -40,6 +42,9 @@ class SplitResult:
     ``split`` ('train' | 'test'), ``fold`` (Int64, 0..n_folds-1 for train rows, <NA> for test),
     plus ``official_split`` / ``group`` when those columns were given.
     ``dropped``: ``image_id``, ``label``, ``reason`` for images left out of the split.
+    ``target_test_fraction``: the fraction the draw aimed at (``max(requested, n_classes / n)``;
+    the realised one in official mode); ``fraction_tolerance``: how far the realised fraction may
+    miss it (see :func:`make_split`). ``warnings``: sentences for a person (metadata, report).
     """
 
     assignments: pd.DataFrame
@@ -52,10 +57,26 @@ class SplitResult:
     fold_method: str
     n_classes: int
     classes_absent_from_test: list = field(default_factory=list)
+    target_test_fraction: float | None = None
+    fraction_tolerance: float = 0.02
+    warnings: list = field(default_factory=list)
+    # image_id -> label of every assigned image: group statistics and dropped rows need it.
+    labels: pd.Series | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def realised_test_fraction(self) -> float:
+        n = len(self.assignments)
+        return float((self.assignments["split"] == "test").sum() / n) if n else 0.0
+
+    def group_stats(self) -> dict:
+        """``n_groups_train``, ``n_groups_test``, ``largest_group_share`` (the largest share of one
+        class's test images held by one group) and where it is; None values without a group column."""
+        return _group_stats(self.assignments, self.labels)
 
     def summary(self) -> dict:
         """Plain-Python (JSON-ready) description, for asset metadata and logs."""
         split = self.assignments["split"]
+        stats = self.group_stats()
         return {
             "mode": self.mode,
             "seed": int(self.seed),
@@ -66,10 +87,36 @@ class SplitResult:
             "n_classes": int(self.n_classes),
             "requested_test_fraction": float(self.requested_test_fraction),
             "effective_test_fraction": float(self.effective_test_fraction),
+            "realised_test_fraction": self.realised_test_fraction,
+            "target_test_fraction": None if self.target_test_fraction is None else float(self.target_test_fraction),
+            "fraction_tolerance": float(self.fraction_tolerance),
             "n_folds": int(self.n_folds),
             "fold_method": self.fold_method,
             "n_classes_absent_from_test": len(self.classes_absent_from_test),
+            "n_groups_train": stats["n_groups_train"],
+            "n_groups_test": stats["n_groups_test"],
+            "largest_group_share": stats["largest_group_share"],
+            "warnings": list(self.warnings),
         }
+
+    def with_warnings(self, extra: list[str]) -> "SplitResult":
+        return replace(self, warnings=[*self.warnings, *extra]) if extra else self
+
+    def without(self, image_ids, reason: str) -> "SplitResult":
+        """This split with ``image_ids`` taken out (into ``dropped`` with ``reason``); the other
+        rows keep their side and fold, so a model's results on them stay comparable."""
+        drop = self.assignments["image_id"].isin(set(image_ids))
+        if not drop.any():
+            return self
+        gone = self.assignments.loc[drop, "image_id"]
+        labels = self.labels.reindex(gone).to_numpy() if self.labels is not None else [None] * len(gone)
+        kept = self.assignments[~drop].reset_index(drop=True)
+        lab = kept["image_id"].map(self.labels) if self.labels is not None else None
+        absent = self.classes_absent_from_test
+        if lab is not None:
+            absent = sorted(set(lab) - set(lab[kept["split"].to_numpy() == "test"]), key=str)
+        dropped = pd.concat([self.dropped, _dropped_frame(gone, labels, reason)], ignore_index=True)
+        return replace(self, assignments=kept, dropped=dropped, classes_absent_from_test=absent)
 
 
 def make_split(
@@ -81,17 +128,30 @@ def make_split(
     n_folds: int = 5,
     group_column: str | None = None,
     official_split_column: str | None = None,
+    max_group_share: float = 0.5,
 ) -> SplitResult:
     """Split ``frame`` (one row per image: ``image_id``, the finest label, optional group and
     official-split columns) into train/test and assign CV folds to the train rows.
 
     ``effective_test_fraction`` is the fraction used for the draw in stratified mode and the
     realised fraction of test rows in grouped and official modes.
+
+    Grouped mode (``group_column``) promises: no group on both sides (nor in two CV folds), and a
+    realised test fraction within ``fraction_tolerance = max(0.02, s / n)`` of the target
+    ``max(test_fraction, n_classes / n)``, where ``s`` is the size of the largest group the split
+    may put in test (groups holding more than ``max_group_share`` of their class's target count
+    stay in train unless the class cannot fill its target without them) and ``n`` the number of
+    images kept. That tolerance is what :func:`check_split_result` (the splits asset's blocking
+    check) holds the split to; the greedy search meets it on every collection we know of, and
+    ``warnings`` says so whenever the fraction misses by more than 0.02, or a group holds more
+    than ``max_group_share`` of a class's test images.
     """
     if not 0.0 < test_fraction < 1.0:
         raise EvaluationError(f"test_fraction must be between 0 and 1 (exclusive), got {test_fraction}.")
     if n_folds < 2:
         raise EvaluationError(f"n_folds must be at least 2, got {n_folds}.")
+    if not 0.0 < max_group_share <= 1.0:
+        raise EvaluationError(f"max_group_share must be in (0, 1], got {max_group_share}.")
     frame = _validated(frame, label_column, group_column, official_split_column)
 
     labels = frame[label_column]
@@ -113,18 +173,25 @@ def make_split(
         )
     groups = _codes(kept[group_column]) if group_column else None
 
+    tolerance, notes = 0.02, []
     if official_split_column is not None:
         mode = "official"
         is_test = kept[official_split_column].isin(OFFICIAL_TEST_VALUES).to_numpy()
         effective = float(is_test.mean())
+        target = effective
     else:
         effective = max(test_fraction, n_classes / len(kept))
+        target = effective
         if groups is None:
             mode = "stratified"
             is_test = _stratified_test_mask(y, effective, seed, label_column)
         else:
             mode = "grouped"
-            is_test = _grouped_test_mask(y, groups, effective, seed, group_column)
+            is_test, tolerance, notes = grouped_test_mask(
+                y, groups, effective, seed=seed, max_group_share=max_group_share, group_column=group_column,
+                class_names=np.unique(np.asarray(kept[label_column])),
+                group_names=np.unique(np.asarray(kept[group_column])),
+            )
             effective = float(is_test.mean())
 
     if not is_test.any():
@@ -160,6 +227,10 @@ def make_split(
         fold_method=fold_method,
         n_classes=n_classes,
         classes_absent_from_test=absent,
+        target_test_fraction=float(target),
+        fraction_tolerance=float(tolerance),
+        warnings=list(notes),
+        labels=pd.Series(kept[label_column].to_numpy(), index=kept["image_id"].to_numpy()),
     )
 
 
@@ -304,11 +375,256 @@ def _stratified_test_mask(y: np.ndarray, fraction: float, seed: int, label_colum
     return mask
 
 
-def _grouped_test_mask(y: np.ndarray, groups: np.ndarray, fraction: float, seed: int, group_column: str) -> np.ndarray:
-    n_groups = len(np.unique(groups))
+# A grouped split's realised test fraction may miss its target by this much, or by one group
+# (see make_split); a miss above it is always reported in the warnings.
+FRACTION_TOLERANCE_FLOOR = 0.02
+# Seeded candidate assignments tried per grouped split; the best is kept. More candidates hit the
+# fraction more closely; the greedy pass is O(groups), so large collections get fewer.
+GROUPED_CANDIDATES = 32
+GROUPED_CANDIDATES_LARGE = 8
+LARGE_GROUP_COUNT = 5000
+
+
+def grouped_test_mask(
+    y: np.ndarray,
+    groups: np.ndarray,
+    fraction: float,
+    *,
+    seed: int = 0,
+    max_group_share: float = 0.5,
+    group_column: str = "group",
+    class_names=None,
+    group_names=None,
+) -> tuple[np.ndarray, float, list[str]]:
+    """Test mask of a grouped split, its fraction tolerance, and warnings.
+
+    ``y``, ``groups``: integer codes (0..K-1, 0..G-1), one per image. Each class ``c`` aims at
+    ``fraction * n_c`` test images. A candidate visits the groups in a seeded random order and
+    puts a group in test when that brings its classes' test counts closer to their targets (L1)
+    and leaves each of them at least one training image. Groups holding more than
+    ``max_group_share`` of a class's target stay in train, unless the class's smaller groups
+    cannot fill the target. Of several seeded candidates the one kept has, in order: fewest
+    classes left out of test, realised fraction within tolerance, fewest classes where one group
+    exceeds ``max_group_share`` of the class's test images, smallest fraction error, smallest
+    per-class error. Every seed draws its own candidates, so large groups change side with it.
+
+    Returns ``(mask, tolerance, warnings)``; ``tolerance = max(0.02, s / n)`` with ``s`` the size
+    of the largest group allowed in test (see :func:`make_split`); a miss above 0.02 is warned of.
+    """
+    y = np.asarray(y, dtype=np.int64)
+    groups = np.asarray(groups, dtype=np.int64)
+    n = len(y)
+    n_groups = int(groups.max()) + 1 if n else 0
     if n_groups < 2:
         raise EvaluationError(f"Column {group_column!r} has a single group; a grouped split needs at least 2.")
-    # One fold of k is the test set: k = 1/fraction, rounded, kept within what the data allow.
-    k = min(max(2, round(1.0 / fraction)), n_groups)
-    folds, _, _ = assign_cv_folds(y, n_folds=k, seed=seed, groups=groups)
-    return folds == 0
+    k = int(y.max()) + 1
+    class_names = np.arange(k) if class_names is None else np.asarray(class_names)
+    group_names = np.arange(n_groups) if group_names is None else np.asarray(group_names)
+
+    # Sparse (group, class, count) entries, sorted by group: most groups hold one class.
+    entry, count = np.unique(groups * k + y, return_counts=True)
+    e_group, e_class = entry // k, entry % k
+    class_n = np.bincount(y, minlength=k)
+    target = fraction * class_n
+    fits = count <= max_group_share * target[e_class]
+    fillable = np.bincount(e_class, weights=count * fits, minlength=k) >= target
+    allowed_entry = fits | ~fillable[e_class]
+    allowed = np.bincount(e_group[~allowed_entry], minlength=n_groups) == 0
+    group_size = np.bincount(groups, minlength=n_groups)
+    largest_allowed = int(group_size[allowed].max()) if allowed.any() else int(group_size.max())
+    tolerance = max(FRACTION_TOLERANCE_FLOOR, largest_allowed / n)
+
+    bounds = np.searchsorted(e_group, np.arange(n_groups + 1))
+    members = [list(zip(e_class[a:b].tolist(), count[a:b].tolist())) for a, b in zip(bounds[:-1], bounds[1:])]
+    n_groups_of_class = np.bincount(e_class, minlength=k)
+    # A class with one group cannot be on both sides; it is not counted as "left out of test".
+    testable = (n_groups_of_class >= 2) & (target >= 0.5)
+
+    n_candidates = GROUPED_CANDIDATES if n_groups <= LARGE_GROUP_COUNT else GROUPED_CANDIDATES_LARGE
+    best_key, best = None, None
+    for candidate in range(n_candidates):
+        order = np.random.default_rng([int(seed), candidate]).permutation(n_groups)
+        chosen = _greedy_groups(order, members, allowed, target.tolist(), class_n.tolist())
+        if not chosen.any():
+            chosen = _one_group_fallback(members, target, class_n)
+        in_test = np.bincount(e_class, weights=count * chosen[e_group], minlength=k)
+        share = _class_shares(e_group, e_class, count, chosen, in_test, k)
+        realised = in_test.sum() / n
+        key = (int((testable & (in_test == 0)).sum()), abs(realised - fraction) > tolerance,
+               int((share > max_group_share + 1e-12).sum()), round(abs(realised - fraction), 12),
+               float(np.abs(in_test - target).sum()))
+        if best_key is None or key < best_key:
+            best_key, best = key, (chosen, in_test, share)
+    chosen, in_test, share = best
+    mask = chosen[groups]
+
+    notes = []
+    realised = float(mask.mean())
+    if abs(realised - fraction) > FRACTION_TOLERANCE_FLOOR:
+        notes.append(
+            f"The grouped split by {group_column!r} put {realised:.1%} of the images in test, not "
+            f"{fraction:.1%} (tolerance {tolerance:.1%}): its {n_groups} groups are too few or too uneven "
+            f"(the largest holds {int(group_size.max())} of {n} images) to come closer."
+        )
+    over = np.flatnonzero(share > max_group_share + 1e-12)
+    if len(over):
+        examples = []
+        for c in over[np.argsort(-share[over], kind="stable")][:5]:
+            rows = np.flatnonzero((e_class == c) & chosen[e_group])
+            top = rows[np.argmax(count[rows])]
+            examples.append(f"{class_names[c]!r}: {group_column} {group_names[e_group[top]]!r} holds "
+                            f"{int(count[top])} of {int(in_test[c])}")
+        notes.append(
+            f"In {len(over)} class(es) one {group_column!r} group holds more than {max_group_share:.0%} of "
+            f"the class's test images (split.max_group_share), so their test scores rest mostly on that "
+            f"group; these classes have too few or too uneven groups to share out ("
+            + "; ".join(examples) + ("; …" if len(over) > 5 else "") + ")."
+        )
+    return mask, float(tolerance), notes
+
+
+def _greedy_groups(order, members, allowed, target: list, class_n: list) -> np.ndarray:
+    """One candidate: visit groups in ``order``, keep those that bring test counts closer to target."""
+    current = [0.0] * len(target)
+    chosen = np.zeros(len(members), dtype=bool)
+    for g in order.tolist():
+        if not allowed[g]:
+            continue
+        delta = 0.0
+        for c, v in members[g]:
+            after = current[c] + v
+            if after >= class_n[c]:  # the class would have no training image left
+                delta = 1.0
+                break
+            delta += abs(after - target[c]) - abs(current[c] - target[c])
+        if delta < 0:
+            chosen[g] = True
+            for c, v in members[g]:
+                current[c] += v
+    return chosen
+
+
+def _one_group_fallback(members, target, class_n) -> np.ndarray:
+    """When no group improves on an empty test set (every group is large), the one that misses
+    the targets least, so that the split still has a test part (and a warning says how far off)."""
+    chosen = np.zeros(len(members), dtype=bool)
+    best, best_cost = None, None
+    for g, entries in enumerate(members):
+        if any(v >= class_n[c] for c, v in entries):
+            continue
+        cost = sum(abs(v - target[c]) - target[c] for c, v in entries)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = g, cost
+    if best is not None:
+        chosen[best] = True
+    return chosen
+
+
+def _class_shares(e_group, e_class, count, chosen, in_test, k) -> np.ndarray:
+    """Per class: the largest share of its test images held by one group (0 with no test image)."""
+    share = np.zeros(k)
+    sel = chosen[e_group]
+    if sel.any():
+        np.maximum.at(share, e_class[sel], count[sel] / np.maximum(in_test[e_class[sel]], 1))
+    return share
+
+
+def _group_stats(assignments: pd.DataFrame, labels: pd.Series | None) -> dict:
+    none = {"n_groups_train": None, "n_groups_test": None, "largest_group_share": None,
+            "largest_group": None, "largest_group_class": None}
+    if "group" not in assignments or assignments.empty:
+        return none
+    is_test = assignments["split"].to_numpy() == "test"
+    out = dict(none)
+    out["n_groups_train"] = int(assignments.loc[~is_test, "group"].nunique())
+    out["n_groups_test"] = int(assignments.loc[is_test, "group"].nunique())
+    if labels is None or not is_test.any():
+        return out
+    test = pd.DataFrame({"label": assignments.loc[is_test, "image_id"].map(labels).to_numpy(),
+                         "group": assignments.loc[is_test, "group"].to_numpy()})
+    per = test.groupby(["label", "group"], sort=True).size()
+    share = per / per.groupby(level="label").transform("sum")
+    top = share.idxmax()
+    out.update(largest_group_share=float(share.max()), largest_group=str(top[1]),
+               largest_group_class=str(top[0]))
+    return out
+
+
+def check_split_result(result: SplitResult, labels: pd.Series) -> list[str]:
+    """:func:`check_split` with the promise the split made: in stratified and grouped modes the
+    realised test fraction is within ``result.fraction_tolerance`` of ``result.target_test_fraction``."""
+    expected = None if result.mode == "official" else result.target_test_fraction
+    return check_split(result.assignments, labels, expected_test_fraction=expected,
+                       tolerance=result.fraction_tolerance)
+
+
+# A reporting column "looks like a leakage unit" when it has at least this many groups (of 2+
+# images), more groups than classes, and at least this share of those groups within one class.
+LEAKAGE_MIN_GROUPS = 10
+LEAKAGE_SINGLE_CLASS_SHARE = 0.9
+
+
+def leakage_warnings(
+    frame: pd.DataFrame,
+    label_column: str,
+    group_column: str,
+    used_as_leakage_unit: bool,
+    *,
+    assignments: pd.DataFrame | None = None,
+    leakage_column: str | None = None,
+    group_label: str | None = None,
+) -> list[str]:
+    """A warning sentence when the reporting column ``group_column`` looks like a leakage unit
+    (video, patient, specimen: many groups, nearly each inside one class) but the split does not
+    keep its groups together; else an empty list.
+
+    No warning when it is the split's leakage unit (``used_as_leakage_unit``), when each of its
+    groups lies inside one value of ``leakage_column`` (the declared unit nests it), or when
+    ``assignments`` (``image_id``, ``split``) show that no group has images on both sides.
+    """
+    if used_as_leakage_unit or group_column not in frame or label_column not in frame:
+        return []
+    cols = ["image_id", label_column, group_column] + ([leakage_column] if leakage_column in frame else [])
+    f = frame[cols].dropna(subset=[label_column, group_column])
+    sizes = f.groupby(group_column).size()
+    multi = sizes.index[sizes >= 2]
+    f = f[f[group_column].isin(multi)]
+    n_classes = f[label_column].nunique()
+    if len(multi) < LEAKAGE_MIN_GROUPS or len(multi) <= n_classes:
+        return []
+    single_class = float((f.groupby(group_column)[label_column].nunique() == 1).mean())
+    if single_class < LEAKAGE_SINGLE_CLASS_SHARE:
+        return []
+    if leakage_column in f and f[leakage_column].notna().all():
+        if (f.groupby(group_column)[leakage_column].nunique() == 1).all():
+            return []
+    straddle_text = ""
+    if assignments is not None:
+        sides = f[["image_id", group_column]].merge(assignments[["image_id", "split"]], on="image_id")
+        straddling = int((sides.groupby(group_column)["split"].nunique() > 1).sum())
+        if straddling == 0:
+            return []
+        straddle_text = f", and {straddling} of them have images in both train and test"
+    name = group_label or group_column
+    return [
+        f"The reporting group {name!r} looks like a leakage unit: {len(multi)} groups, "
+        f"{single_class:.0%} of them inside a single {label_column!r} class{straddle_text}. If a group is "
+        f"one video, patient, specimen or slide, its near-identical images act as neighbours across "
+        f"the split and inflate kNN and probe scores: set 'split.group_by: {name}' in the catalog so "
+        f"that no group straddles train and test."
+    ]
+
+
+def split_identity(assignments: pd.DataFrame, seed: int) -> str:
+    """``seed<seed>-<12 hex>``: the seed plus a hash of every (image_id, split, fold) assignment.
+
+    Two splits with the same id put every image on the same side and in the same fold, so results
+    computed on them are comparable; any change of seed, images or fractions changes the id.
+    """
+    import hashlib
+
+    rows = assignments.sort_values("image_id", kind="mergesort")
+    digest = hashlib.sha256()
+    for image_id, side, fold in zip(rows["image_id"], rows["split"], rows["fold"]):
+        digest.update(f"{image_id}\t{side}\t{'' if pd.isna(fold) else int(fold)}\n".encode())
+    return f"seed{int(seed)}-{digest.hexdigest()[:12]}"

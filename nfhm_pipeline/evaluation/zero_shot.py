@@ -16,6 +16,10 @@ Retrieval (MedCLIP Table 4, CLIP_benchmark), for image→text and text→image:
 
 When K exceeds the number of candidates it is clipped to that number (``k_effective``), so P@K
 divides by the clipped K. Queries whose label no candidate has count as misses.
+
+"No prediction" (``no_prediction``: e.g. all-zero image embeddings, whose cosine is undefined):
+such an image is not ranked and counts as a miss, so every model is scored on the same images;
+in retrieval it is a query that misses (P@K = R@K = 0) and never a candidate.
 """
 from __future__ import annotations
 
@@ -90,12 +94,15 @@ def zero_shot_accuracy(
     text_emb: np.ndarray,
     *,
     ks: Sequence[int] = (1, 5),
+    no_prediction: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Top-k accuracy of zero-shot classification, single template vs prompt ensemble.
 
     ``image_labels``: class index (0..C-1) per image; ``text_emb``: prompt embeddings [C, T, D]
-    with template 0 as the single template. Returns columns prompting ('single_template' |
-    'ensemble'), k, k_effective (= min(k, C)), metric ('top{k}_accuracy'), value, n_images.
+    with template 0 as the single template; ``no_prediction``: bool per image, True for images
+    that get no prediction and count as misses (see the module docstring). Returns columns
+    prompting ('single_template' | 'ensemble'), k, k_effective (= min(k, C)), metric
+    ('top{k}_accuracy'), value, n_images (every image, misses included).
     """
     if min(ks, default=0) < 1:
         raise EvaluationError(f"Every k must be at least 1, got {list(ks)}.")
@@ -108,9 +115,15 @@ def zero_shot_accuracy(
         raise EvaluationError(f"image_labels must be one integer class index per image, got {labels.dtype} {labels.shape}.")
     if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
         raise EvaluationError(f"image_labels must lie in 0..{n_classes - 1} (one per text class); got {labels.min()}..{labels.max()}.")
+    scored = _scored_rows(no_prediction, len(labels))
     rows = []
     for prompting, classes in (("single_template", single), ("ensemble", ensemble)):
-        ranking = zero_shot_predict(image_emb, classes, k=max(ks))
+        if scored is None:
+            ranking = zero_shot_predict(image_emb, classes, k=max(ks))
+        else:  # rows without a prediction rank nothing (-1 is never a class index)
+            ranking = np.full((len(labels), min(max(ks), n_classes)), -1, dtype=np.int64)
+            if scored.any():
+                ranking[scored] = zero_shot_predict(np.asarray(image_emb)[scored], classes, k=max(ks))
         for k in ks:
             hit = (ranking[:, :k] == labels[:, None]).any(axis=1)
             rows.append((prompting, k, min(k, n_classes), f"top{k}_accuracy", float(hit.mean()), len(labels)))
@@ -123,12 +136,18 @@ def retrieval_metrics(
     text_emb: np.ndarray,
     text_labels: np.ndarray,
     ks: Sequence[int] = (1, 2, 5, 10),
+    *,
+    no_prediction: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Image→text and text→image Precision@K and Recall@K (conventions in the module docstring).
 
-    Returns columns direction ('image_to_text' | 'text_to_image'), k, k_effective, metric
-    ('precision' | 'recall'), value, convention.
+    ``no_prediction``: bool per image, True for images that are neither ranked nor candidates
+    (misses as queries). Returns columns direction ('image_to_text' | 'text_to_image'), k,
+    k_effective, metric ('precision' | 'recall'), value, convention.
     """
+    scored = _scored_rows(no_prediction, len(np.asarray(image_emb)))
+    if scored is not None:
+        return _retrieval_with_misses(image_emb, image_labels, text_emb, text_labels, ks, scored)
     images, texts = _unit_rows(image_emb, "image embeddings"), _unit_rows(text_emb, "text embeddings")
     if images.shape[1] != texts.shape[1]:
         raise EvaluationError(f"Image embeddings have dim {images.shape[1]} but text embeddings have dim {texts.shape[1]}.")
@@ -154,6 +173,50 @@ def retrieval_metrics(
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
+
+def _scored_rows(no_prediction, n: int) -> np.ndarray | None:
+    """Rows that get a prediction (bool [n]), or None when every row does (the plain code path)."""
+    if no_prediction is None:
+        return None
+    missing = np.asarray(no_prediction, dtype=bool)
+    if missing.shape != (n,):
+        raise EvaluationError(f"no_prediction must be one bool per image ({n}), got shape {missing.shape}.")
+    return ~missing if missing.any() else None
+
+
+def _retrieval_with_misses(image_emb, image_labels, text_emb, text_labels, ks, scored) -> pd.DataFrame:
+    """`retrieval_metrics` where the images outside ``scored`` are misses as queries (P@K = R@K = 0)
+    and never candidates."""
+    image_emb, image_labels = np.asarray(image_emb), np.asarray(image_labels)
+    if image_labels.shape != (len(image_emb),):
+        raise EvaluationError(f"Need one label per row: {len(image_emb)} images / {image_labels.shape} labels.")
+    if not scored.any():
+        raise EvaluationError("every image is a no-prediction row (an all-zero embedding?): retrieval has no "
+                              "image to rank.")
+    images, texts = _unit_rows(image_emb[scored], "image embeddings"), _unit_rows(text_emb, "text embeddings")
+    if images.shape[1] != texts.shape[1]:
+        raise EvaluationError(f"Image embeddings have dim {images.shape[1]} but text embeddings have dim {texts.shape[1]}.")
+    scored_labels, text_labels = image_labels[scored], np.asarray(text_labels)
+    if text_labels.shape != (len(texts),):
+        raise EvaluationError(f"Need one label per row: {len(texts)} texts / {text_labels.shape} labels.")
+    if min(ks, default=0) < 1:
+        raise EvaluationError(f"Every K must be at least 1, got {list(ks)}.")
+    n_missed = int((~scored).sum())
+    rows = []
+    for direction, q, q_lab, c, c_lab, missed in (
+        ("image_to_text", images, scored_labels, texts, text_labels, n_missed),
+        ("text_to_image", texts, text_labels, images, scored_labels, 0),
+    ):
+        hits = c_lab[_top_k(q, c, max(ks))] == q_lab[:, None]
+        for k in ks:
+            ke = min(k, len(c))
+            # a query without a prediction adds a row of misses
+            precision = np.concatenate([hits[:, :ke].mean(axis=1), np.zeros(missed)]).mean()
+            recall = np.concatenate([hits[:, :ke].any(axis=1), np.zeros(missed, bool)]).mean()
+            rows.append((direction, k, ke, "precision", float(precision), PRECISION_CONVENTION))
+            rows.append((direction, k, ke, "recall", float(recall), RECALL_CONVENTION))
+    return pd.DataFrame(rows, columns=["direction", "k", "k_effective", "metric", "value", "convention"])
 
 
 def _unit_rows(x: np.ndarray, name: str) -> np.ndarray:

@@ -1,10 +1,13 @@
 """Image validation and loading.
 
 `validate_images` turns a *candidates* table (from a reader in `readers.py`) into the image manifest:
-every file is read once, hashed (sha256 of its bytes = `image_id`), decoded fully, and either kept or
-put in the rejected table with one of `REJECT_REASONS`. A bad file never costs a good row.
+every distinct file is read once, hashed (sha256 of its bytes = `image_id`), decoded fully from those
+same bytes, given a perceptual hash (`phash`, see `dhash64`), and either kept or put in the rejected
+table with one of `REJECT_REASONS`. A bad file never costs a good row.
 
 `load_rgb` is how embedders open an image: every mode validation accepts becomes 8-bit RGB.
+`load_verified_rgb` does the same from bytes it hashes first, so a file rewritten after the manifest
+was built is refused instead of being embedded under the old content's `image_id`.
 """
 from __future__ import annotations
 
@@ -26,9 +29,26 @@ from nfhm_pipeline.errors import ManifestError
 SUPPORTED_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "I;16", "I;16B", "I;16L", "I", "F", "CMYK", "YCbCr"})
 REJECT_REASONS = (
     "missing_file", "empty_file", "not_an_image", "truncated", "decompression_bomb",
-    "unsupported_mode", "duplicate_image", "missing_label", "outside_root",
+    "unsupported_mode", "duplicate_image", "missing_label", "outside_root", "extreme_aspect_ratio",
+    # set by image_folder for entries of a class folder it cannot use
+    "unsupported_format", "dangling_symlink", "symlink_loop", "folder_not_image", "not_an_image_file",
+    "not_in_class_folder",
 )
+# What a reader-set reason means, for the rejected table's detail column.
+_READER_REASON_DETAILS = {
+    "outside_root": "listed path is not under the image root; not read",
+    "unsupported_format": "an image format this pipeline does not decode (HEIC, SVG, RAW…); convert it to PNG or JPEG",
+    "dangling_symlink": "a symbolic link whose target does not exist",
+    "symlink_loop": "a symbolic link that points back to itself",
+    "folder_not_image": "a folder inside a class folder; images must sit directly in their class folder",
+    "not_an_image_file": "a file without an image extension in a class folder",
+    "not_in_class_folder": "a file at the top of the image folder, outside every class folder: it has no label",
+}
 DEFAULT_MAX_PIXELS = 64_000_000
+# Longer side / shorter side above which an image is refused: a 1 x 1,000,000 strip is only 1 Mpx
+# (under DEFAULT_MAX_PIXELS) but no shorter-side-resize model input can be made from it sensibly,
+# and a naive resize of it allocates gigabytes. 50:1 is far beyond panoramas and scanned strips.
+MAX_ASPECT_RATIO = 50
 REJECTED_COLUMNS = ["uri", "source_row", "reason", "detail"]
 
 
@@ -60,8 +80,35 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def dhash64(image: Image.Image) -> str:
+    """64-bit difference hash of `image` as 16 lowercase hex chars (first bit = most significant).
+
+    The image is made 8-bit grey (through `to_rgb` for modes other than L/RGB, so 16-bit and
+    transparent images hash what the models see), resized to 9 x 8 (bilinear, antialiased), and bit
+    (row r, column c) is 1 when pixel (r, c+1) is brighter than (r, c). Re-encoded or resized copies
+    of an image differ in few bits (a small Hamming distance); unrelated images in about half.
+    """
+    if image.mode in ("L", "RGB") and "transparency" not in image.info:
+        grey = image.convert("L")  # equals to_rgb(image).convert("L") for these modes, without the copy
+    else:
+        grey = to_rgb(image).convert("L")
+    small = np.asarray(grey.resize((9, 8), Image.Resampling.BILINEAR), dtype=np.int16)
+    bits = (small[:, 1:] > small[:, :-1]).ravel()
+    return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
+
+
+def _aspect_ratio_detail(width: int, height: int) -> str | None:
+    """Why an image of this size is refused as extreme_aspect_ratio, or None when it is fine."""
+    short, long = min(width, height), max(width, height)
+    if short > 0 and long <= MAX_ASPECT_RATIO * short:
+        return None
+    ratio = f"{long / short:.0f}:1" if short > 0 else "unbounded"
+    return (f"{width}x{height}: aspect ratio {ratio} > {MAX_ASPECT_RATIO}:1 (MAX_ASPECT_RATIO); "
+            "crop the image to its subject or tile it")
+
+
 def _inspect_file(uri: str, max_pixels: int) -> dict:
-    """Read one file and classify it: {'image_id','width','height','mode'} or {'reason','detail'}."""
+    """Read one file and classify it: {'image_id','width','height','mode','phash'} or {'reason','detail'}."""
     try:
         data = Path(uri).read_bytes()
     except FileNotFoundError:
@@ -72,17 +119,23 @@ def _inspect_file(uri: str, max_pixels: int) -> dict:
         return {"reason": "missing_file", "detail": f"unusable path: {e}"}
     if not data:
         return {"reason": "empty_file", "detail": "file has 0 bytes"}
+    phash = None
     try:
         with Image.open(io.BytesIO(data)) as im:
             width, height, mode = im.width, im.height, im.mode
             if width * height > max_pixels:
                 return {"reason": "decompression_bomb",
                         "detail": f"{width}x{height} = {width * height} pixels > max_pixels={max_pixels}"}
+            aspect = _aspect_ratio_detail(width, height)
+            if aspect is not None:
+                return {"reason": "extreme_aspect_ratio", "detail": aspect}
             im.verify()
         # verify() leaves the image unusable and does not decode pixel data: a second open + load()
         # is what catches a JPEG cut off half way.
         with Image.open(io.BytesIO(data)) as im:
             im.load()
+            if mode in SUPPORTED_MODES:
+                phash = dhash64(im)
     except UnidentifiedImageError:
         return {"reason": "not_an_image", "detail": "PIL cannot identify an image format"}
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -92,7 +145,8 @@ def _inspect_file(uri: str, max_pixels: int) -> dict:
     if mode not in SUPPORTED_MODES:
         return {"reason": "unsupported_mode",
                 "detail": f"mode {mode!r} is not one of {sorted(SUPPORTED_MODES)}; convert the file to RGB"}
-    return {"image_id": hashlib.sha256(data).hexdigest(), "width": width, "height": height, "mode": mode}
+    return {"image_id": hashlib.sha256(data).hexdigest(), "width": width, "height": height, "mode": mode,
+            "phash": phash}
 
 
 def _is_missing(value) -> bool:
@@ -109,10 +163,14 @@ def validate_images(
     """Split candidates into (manifest, rejected), both in input order.
 
     manifest columns: image_id (sha256 hex of the file bytes), uri, width, height (int64 pixels),
-    mode (PIL mode), *label_columns (str, stripped), group, official_split.
+    mode (PIL mode), *label_columns (str, stripped), group, split_group, official_split, phash (16 hex
+    chars, `dhash64` of the decoded image). ``manifest.attrs["files_read"]`` is how many files were
+    read and decoded.
     rejected columns: uri, source_row, reason (one of REJECT_REASONS), detail (for a person).
     A candidate row with a non-null `reject_reason` (set by a reader, e.g. outside_root) is rejected
-    without touching the file. Same bytes listed twice: the first row is kept, later ones are
+    without touching the file. Each distinct uri is read and decoded once however often it is listed
+    (a CSV of a million rows over thirty files reads thirty); every row then gets that file's outcome.
+    Same bytes listed twice (the same uri again, or a copy): the first row is kept, later ones are
     `duplicate_image`. An empty first (finest) label is `missing_label`.
     """
     label_columns = list(label_columns)
@@ -120,21 +178,25 @@ def validate_images(
     if missing or not label_columns:
         raise ManifestError(f"candidates table lacks column(s) {missing or 'label columns'}; "
                             f"columns present: {list(candidates.columns)}. Build it with a reader in nfhm_pipeline.ingest.")
-    rows = candidates.reset_index(drop=True)
-    n = len(rows)
-    pre_reason = rows["reject_reason"] if "reject_reason" in rows else pd.Series([None] * n)
-    source_row = rows["source_row"] if "source_row" in rows else pd.Series(range(1, n + 1))
+    n = len(candidates)
+    # Plain lists: per-row DataFrame.at lookups dominate the time of a million-row candidates table.
+    uris = [str(u) for u in candidates["uri"].tolist()]
+    pre_reason = candidates["reject_reason"].tolist() if "reject_reason" in candidates else [None] * n
+    source_row = candidates["source_row"].tolist() if "source_row" in candidates else list(range(1, n + 1))
+    labels = {c: candidates[c].tolist() for c in label_columns}
+    extras = {c: candidates[c].tolist() if c in candidates else [None] * n
+              for c in ("group", "split_group", "official_split")}
 
     results: list[dict | None] = [None] * n
-    to_read: list[int] = []
+    to_read: dict[str, list[int]] = {}  # uri -> rows listing it, in first-seen order
+    finest = labels[label_columns[0]]
     for i in range(n):
         if not _is_missing(pre_reason[i]):
-            results[i] = {"reason": str(pre_reason[i]), "detail": "listed path is not under the image root; not read"
-                          if pre_reason[i] == "outside_root" else ""}
-        elif _is_missing(rows.at[i, label_columns[0]]):
+            results[i] = {"reason": str(pre_reason[i]), "detail": _READER_REASON_DETAILS.get(str(pre_reason[i]), "")}
+        elif _is_missing(finest[i]):
             results[i] = {"reason": "missing_label", "detail": f"empty {label_columns[0]!r}"}
         else:
-            to_read.append(i)
+            to_read.setdefault(uris[i], []).append(i)
 
     saved_truncated = ImageFile.LOAD_TRUNCATED_IMAGES
     # The warnings filter is process-global, so it is set once here around the pool rather than
@@ -144,32 +206,34 @@ def validate_images(
         ImageFile.LOAD_TRUNCATED_IMAGES = False  # another library may have relaxed it
         try:
             with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-                inspected = pool.map(lambda i: _inspect_file(str(rows.at[i, "uri"]), max_pixels), to_read)
-                for i, res in zip(to_read, inspected):
-                    results[i] = res
+                inspected = pool.map(lambda uri: _inspect_file(uri, max_pixels), list(to_read))
+                for (uri, listed_at), res in zip(to_read.items(), inspected):
+                    for i in listed_at:
+                        results[i] = res
         finally:
             ImageFile.LOAD_TRUNCATED_IMAGES = saved_truncated
 
     kept, rejected, first_seen = [], [], {}
     for i, res in enumerate(results):
-        uri = str(rows.at[i, "uri"])
+        uri = uris[i]
         if "reason" not in res and res["image_id"] in first_seen:
             j = first_seen[res["image_id"]]
-            res = {"reason": "duplicate_image", "detail": f"same bytes as {rows.at[j, 'uri']} (row {source_row[j]})"}
+            res = {"reason": "duplicate_image", "detail": f"same bytes as {uris[j]} (row {source_row[j]})"}
         if "reason" in res:
             rejected.append({"uri": uri, "source_row": int(source_row[i]), **res})
             continue
         first_seen[res["image_id"]] = i
         row = {"image_id": res["image_id"], "uri": uri, "width": res["width"], "height": res["height"],
                "mode": res["mode"]}
-        row.update({c: str(rows.at[i, c]).strip() if not _is_missing(rows.at[i, c]) else None for c in label_columns})
-        for c in ("group", "official_split"):
-            v = rows.at[i, c] if c in rows else None
-            row[c] = None if _is_missing(v) else str(v)
+        row.update({c: None if _is_missing(labels[c][i]) else str(labels[c][i]).strip() for c in label_columns})
+        row.update({c: None if _is_missing(values[i]) else str(values[i]) for c, values in extras.items()})
+        row["phash"] = res["phash"]
         kept.append(row)
 
-    manifest_cols = ["image_id", "uri", "width", "height", "mode", *label_columns, "group", "official_split"]
+    manifest_cols = ["image_id", "uri", "width", "height", "mode", *label_columns, "group", "split_group",
+                     "official_split", "phash"]
     manifest = pd.DataFrame(kept, columns=manifest_cols).astype({"width": "int64", "height": "int64"})
+    manifest.attrs["files_read"] = len(to_read)
     rejected_df = pd.DataFrame(rejected, columns=REJECTED_COLUMNS).astype({"source_row": "int64"})
     return manifest, rejected_df
 
@@ -201,12 +265,41 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
     return image.convert("RGB")
 
 
-def load_rgb(uri: str | os.PathLike) -> Image.Image:
-    """Open `uri` and return a fully loaded 8-bit RGB PIL image (see `to_rgb` for mode handling)."""
+def _decode_rgb(data: bytes, uri) -> Image.Image:
     try:
-        with Image.open(uri) as im:
+        with Image.open(io.BytesIO(data)) as im:
             im.load()
             return to_rgb(im)
     except (OSError, SyntaxError, ValueError) as e:
         raise ManifestError(f"cannot load image {uri}: {type(e).__name__}: {e}. "
                             "Re-run image validation; the file changed or was never validated.") from e
+
+
+def _read_bytes(uri) -> bytes:
+    try:
+        return Path(uri).read_bytes()
+    except (OSError, ValueError) as e:
+        raise ManifestError(f"cannot load image {uri}: {type(e).__name__}: {e}. "
+                            "Re-run image validation; the file changed or was never validated.") from e
+
+
+def load_rgb(uri: str | os.PathLike) -> Image.Image:
+    """Open `uri` and return a fully loaded 8-bit RGB PIL image (see `to_rgb` for mode handling)."""
+    return _decode_rgb(_read_bytes(uri), uri)
+
+
+def load_verified_rgb(uri: str | os.PathLike, image_id: str, *, dataset: str | None = None) -> Image.Image:
+    """`load_rgb`, decoded from the very bytes whose sha256 is checked against `image_id`.
+
+    Raises ManifestError naming the file when they differ: the file was rewritten after the manifest
+    was built, and its new pixels must not be stored (or cached) under the old content's id.
+    """
+    data = _read_bytes(uri)
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != image_id:
+        asset = f"{dataset}/image_manifest" if dataset else "the dataset's image_manifest"
+        raise ManifestError(
+            f"image {uri} changed after the manifest was built: its bytes now hash to {actual[:12]}…, the "
+            f"manifest lists image_id {image_id[:12]}…. Nothing was embedded or cached for it. Re-materialize "
+            f"{asset} (the new content gets its own image_id), then embed again; or restore the file.")
+    return _decode_rgb(data, uri)

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from nfhm_pipeline.errors import EvaluationError
-from nfhm_pipeline.reports.plots import new_figure
+from nfhm_pipeline.reports.plots import new_figure, wrap_title
 
 # The grid of seed 001 (Takeda et al.): 10 x 5 = 50 UMAP fits, pass as umap_grid(..., **SEED_001_GRID).
 SEED_001_GRID = {
@@ -34,7 +34,8 @@ def umap_grid(
     n_neighbors values are clipped to (points - 1) and duplicates after clipping are dropped.
     With N > max_points a seeded subsample (same points for every level) is drawn and the figure
     title says 'subsample <max_points> of <N>, seed <seed>'. Levels with at most 20 classes get a
-    legend; more classes are coloured without one and the title says so. Missing labels are grey.
+    legend beside the grid, clear of the title; more classes are coloured without one and the
+    title says so. Missing labels are grey. Points are rasterized, so an SVG stays small.
     """
     import umap  # slow import (numba): keep it out of module import time
 
@@ -72,13 +73,20 @@ def umap_grid(
         few = len(classes) <= MAX_LEGEND_CLASSES
         cmap = _class_colours(len(classes))
         colours = np.where(codes[:, None] >= 0, cmap[np.maximum(codes, 0)], np.array([0.6, 0.6, 0.6, 1.0]))
-        fig = new_figure(2.6 * len(dists) + (2.2 if few else 0.3), 2.5 * len(neighbors) + 0.9)
+        entries = len(classes) + int((codes < 0).any())
+        # A legend beside the grid, vertically centred, stays clear of the title strip when the
+        # figure is at least its height plus twice the title's (about 0.2 in per entry at 8 pt).
+        height = 2.5 * len(neighbors) + 0.9
+        if few:
+            height = max(height, 0.2 * (entries + 1) + 2 * (0.35 + 0.25 * bool(note)) + 0.4)
+        fig = new_figure(2.6 * len(dists) + (2.2 if few else 0.3), height)
         axes = fig.subplots(len(neighbors), len(dists), squeeze=False)
         size = float(np.clip(3000 / n, 2, 20))
         for (i, k), (j, d) in ((a, b) for a in enumerate(neighbors) for b in enumerate(dists)):
             ax = axes[i, j]
             xy = projections[k, d]
-            ax.scatter(xy[:, 0], xy[:, 1], c=colours, s=size, linewidths=0)
+            # rasterized: in an SVG the points are one image, the titles and legend stay text
+            ax.scatter(xy[:, 0], xy[:, 1], c=colours, s=size, linewidths=0, rasterized=True)
             ax.set_title(f"n_neighbors={k}, min_dist={d:g}", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
@@ -87,14 +95,18 @@ def umap_grid(
         if few:
             from matplotlib.lines import Line2D
 
-            handles = [Line2D([], [], marker="o", linestyle="", color=cmap[c], label=str(name))
+            # long class or level names are wrapped: a legend wider than the figure collapses the grid
+            handles = [Line2D([], [], marker="o", linestyle="", color=cmap[c],
+                              label=wrap_title(str(name), width_in=1.6, fontsize=8))
                        for c, name in enumerate(classes)]
             if (codes < 0).any():
                 handles.append(Line2D([], [], marker="o", linestyle="", color="0.6", label="(missing)"))
-            fig.legend(handles=handles, loc="outside right upper", fontsize=8, title=lvl, frameon=False)
+            fig.legend(handles=handles, loc="outside right center", fontsize=8,
+                       title=wrap_title(str(lvl), width_in=1.6, fontsize=8), frameon=False)
         else:
             details.append(f"{len(classes)} classes, colours not labelled")
-        fig.suptitle(heading + ("\n" + "; ".join(details) if details else ""))
+        fig.suptitle(wrap_title(heading + ("\n" + "; ".join(details) if details else ""),
+                                width_in=fig.get_figwidth(), fontsize=12), fontsize=12)
         figures[lvl] = fig
     return figures
 

@@ -7,18 +7,19 @@ Dagster processes) and a notebook's own backend is left alone.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import os
 import re
-import tempfile
-from contextlib import contextmanager
+import textwrap
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
 from nfhm_pipeline.errors import EvaluationError, StorageError
+from nfhm_pipeline.reports.files import atomic_target
 
 METRIC_KEYS = ["dataset", "model", "task", "level", "grp", "metric"]
 
@@ -30,30 +31,11 @@ def new_figure(width: float, height: float):
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height), layout="constrained")
+    # A margin of 0.1 in (the default is 3 pt): glyphs at the figure's edge, such as a rotated axis
+    # label's first letter, are then never cut off in the saved file.
+    fig.get_layout_engine().set(w_pad=0.1, h_pad=0.1)
     FigureCanvasAgg(fig)
     return fig
-
-
-@contextmanager
-def atomic_target(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success it replaces `path`, on error it is removed."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise StorageError(f"cannot write {path}: {exc}. Check that the folder is writable.") from exc
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        # mkstemp creates 0600 files; reports are meant to be opened and shared like any output.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def select_rows(metrics: pd.DataFrame, **equal) -> pd.DataFrame:
@@ -99,18 +81,60 @@ def _sort_groups(groups) -> list[str]:
     return sorted((g for g in groups if g != "all"), key=str) + (["all"] if "all" in set(groups) else [])
 
 
+# ---------------------------------------------------------------- model colours
+def _palette() -> list:
+    """20 distinguishable colours: tab10, then the dark shade of each tab20b / tab20c hue."""
+    from matplotlib import colormaps
+
+    tab10 = [colormaps["tab10"](i) for i in range(10)]
+    dark = [colormaps["tab20b"](i) for i in (0, 4, 8, 12, 16, 2)] + [colormaps["tab20c"](i) for i in (0, 4, 8, 12)]
+    return tab10 + dark
+
+
+HATCHES = ("", "//", "..", "xx", "\\\\", "++")
+
+
+def model_colour(model: str):
+    """The model's colour: fixed by a hash of its key, so it is the same in every chart and run
+    whatever other models are drawn beside it."""
+    palette = _palette()
+    return palette[int(hashlib.sha256(str(model).encode("utf-8")).hexdigest(), 16) % len(palette)]
+
+
+def model_styles(models: Sequence[str]) -> dict[str, tuple]:
+    """{model: (colour, hatch)}: each model's own colour (:func:`model_colour`); where two models
+    of one chart share a colour, the later by name also gets a hatch, so bars stay distinguishable
+    while every model keeps its colour."""
+    styles, seen = {}, {}
+    for model in sorted(models, key=str):
+        colour = model_colour(model)
+        n = seen.get(colour, 0)
+        seen[colour] = n + 1
+        styles[model] = (colour, HATCHES[n % len(HATCHES)])
+    return styles
+
+
 # ---------------------------------------------------------------- k-NN bars
+WITHIN_GROUP_NOTE = ("per group: each test image's neighbours are searched among that group's training images "
+                     "only; 'all': among every training image")
+
+
 def knn_group_bars(
     metrics: pd.DataFrame,
     *,
     level: str,
     rule_pair: Sequence[str] = ("top1_cosine", "mean_cosine"),
     title: str | None = None,
+    baselines: pd.DataFrame | None = None,
 ):
     """Grouped bars of k-NN accuracy: x = groups ('all' last), one bar per model, one subplot per rule.
 
     Heights are percent (value * 100) on a 0-100 axis labelled 'Accuracy (%)', each bar labelled with
-    its value; the legend sits below the axes so it never covers a bar. Returns a Figure.
+    its value; each model has its own colour (:func:`model_styles`); the legend sits below the axes
+    so it never covers a bar. The title says that per-group bars search neighbours within the group.
+    ``baselines`` (rows of :func:`nfhm_pipeline.reports.summary.class_baselines` for this level,
+    columns grp, majority, chance) adds, over each group's bars, a dashed line at the majority-class
+    accuracy and a dotted one at chance. Returns a Figure.
     Raises EvaluationError when no k-NN rows exist for `level` and `rule_pair`.
     """
     rows = select_rows(metrics, task="knn", level=level, metric=list(rule_pair))
@@ -125,24 +149,32 @@ def knn_group_bars(
         )
     groups = _sort_groups(rows["grp"].unique())
     models = sorted(rows["model"].unique())
+    styles = model_styles(models)
     n_rules = len(rule_pair)
     n_bars = len(groups) * len(models)
     n_cols, n_rows = min(n_rules, 2), (n_rules + 1) // 2
-    fig = new_figure(n_cols * min(12.0, max(4.5, 1.0 + 0.4 * n_bars)), 1.0 + 4.0 * n_rows)
+    fig = new_figure(n_cols * min(12.0, max(4.5, 1.0 + 0.4 * n_bars)), 1.4 + 4.0 * n_rows)
     axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
     x = np.arange(len(groups))
     width = 0.8 / len(models)
     sizes = rows.groupby("grp")["n"].max() if "n" in rows.columns else pd.Series(dtype=float)
     ticks = [g if pd.isna(sizes.get(g, np.nan)) else f"{g}\n(n={int(sizes[g])})" for g in groups]
+    base = None
+    if baselines is not None and len(baselines):
+        base = baselines.set_index("grp").reindex(groups)
     for ax, rule in zip(axes, rule_pair):
         table = rows[rows["metric"] == rule].pivot(index="grp", columns="model", values="value")
         table = table.reindex(index=groups, columns=models)
         for i, model in enumerate(models):
             values = table[model].to_numpy(dtype=float)
-            bars = ax.bar(x + (i - (len(models) - 1) / 2) * width, values * 100, width, label=model)
+            colour, hatch = styles[model]
+            bars = ax.bar(x + (i - (len(models) - 1) / 2) * width, values * 100, width, label=model,
+                          color=colour, hatch=hatch or None, edgecolor="white" if hatch else None)
             ax.bar_label(bars, labels=[_pct(v) for v in values], padding=2,
                          fontsize=7, rotation=90 if n_bars > 12 else 0)
-        ax.set_title(f"{rule_title(rule)} — {level}")
+        if base is not None:
+            _draw_baselines(ax, x, base["majority"].to_numpy(float), base["chance"].to_numpy(float))
+        ax.set_title(f"{rule_title(rule)} — {level}", pad=14)  # room for a '100.0' bar label below it
         ax.set_ylabel("Accuracy (%)")
         ax.set_ylim(0, 100)
         ax.set_xticks(x, ticks)
@@ -151,11 +183,26 @@ def knn_group_bars(
     for ax in axes[n_rules:]:
         ax.set_visible(False)
     handles, labels = axes[0].get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda i: labels[i] not in styles)  # models first, then baselines
+    handles, labels = [handles[i] for i in order], [labels[i] for i in order]
     # 'outside' asks constrained layout to reserve a strip below the axes for the legend.
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(models), 4), frameon=False)
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(handles), 4), frameon=False)
     dataset = rows["dataset"].iloc[0]
-    fig.suptitle(title or f"{dataset}: nearest-neighbour accuracy by group — {level}")
+    heading = title or f"{dataset}: nearest-neighbour accuracy by group — {level}"
+    note = WITHIN_GROUP_NOTE if len(groups) > 1 else ""
+    fig.suptitle(wrap_title(heading + (f"\n{note}" if note else ""), width_in=fig.get_figwidth(), fontsize=11),
+                 fontsize=11)
     return fig
+
+
+def _draw_baselines(ax, x, majority, chance, half_width: float = 0.42) -> None:
+    """Over each x position, a dashed black segment at majority and a dotted grey one at chance (%)."""
+    for values, style, colour, label in ((majority, "--", "black", "majority class"),
+                                         (chance, ":", "0.35", "chance (1 / classes)")):
+        ok = np.isfinite(values)
+        if ok.any():
+            ax.hlines(100 * values[ok], x[ok] - half_width, x[ok] + half_width, colors=colour, linestyles=style,
+                      linewidth=1.4, label=label, zorder=3)
 
 
 # ---------------------------------------------------------------- tables
@@ -167,38 +214,132 @@ def _mean_std(value: float, std: float) -> str:
     return f"{100 * value:.1f} ± {100 * std:.1f} %"
 
 
+MAJORITY_ROW = "majority-class baseline"
+CHANCE_ROW = "chance (1 / classes)"
+
+
 def probe_table(
-    metrics: pd.DataFrame, *, task: str = "linear_probe", metric: str = "accuracy", grp: str = "all"
+    metrics: pd.DataFrame, *, task: str = "linear_probe", metric: str = "cv_accuracy", grp: str = "all",
+    baselines: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """Probe results as strings: rows = model, columns = 'dataset/level', cells 'mean ± std %'.
+    """Probe results as strings: rows = model, columns = level, cells 'mean ± std %'.
 
     Cells are '' where a model has no result; the std part is left out where std is NaN.
+    ``baselines`` (:func:`~nfhm_pipeline.reports.summary.class_baselines`) appends the rows
+    'majority-class baseline' and 'chance (1 / classes)' per level.
     """
     rows = select_rows(metrics, task=task, metric=metric, grp=grp)
     std = rows["std"] if "std" in rows.columns else pd.Series(np.nan, index=rows.index)
-    cells = rows.assign(column=rows["dataset"] + "/" + rows["level"],
-                        cell=[_mean_std(v, s) for v, s in zip(rows["value"], std)])
-    table = cells.pivot(index="model", columns="column", values="cell").fillna("")
+    cells = rows.assign(cell=[_mean_std(v, s) for v, s in zip(rows["value"], std)])
+    table = cells.pivot(index="model", columns="level", values="cell").fillna("")
+    table = table.sort_index(axis=0).sort_index(axis=1)
+    table = _append_baselines(table, baselines, lambda lvl: lvl, k=1)
     table.columns.name = None
-    return table.sort_index(axis=0).sort_index(axis=1)
+    table.index.name = "model"
+    return table
 
 
-def zero_shot_table(metrics: pd.DataFrame, *, grp: str = "all") -> pd.DataFrame:
-    """Zero-shot results as strings: rows = model, columns = 'dataset/level metric' (e.g.
-    'bio/species top1_ensemble'), cells 'xx.x %' ('' where a model has no result)."""
+def _append_baselines(table: pd.DataFrame, baselines, level_of, k: int | None) -> pd.DataFrame:
+    """Add the majority and chance rows to a table of level columns (``level_of(column)`` gives the
+    column's level; ``k``: the top-k the column reports, or None to read it from the column name)."""
+    if baselines is None or not len(baselines) or table.empty:
+        return table
+    base = baselines[baselines["grp"] == "all"].set_index("level")
+    extra = {MAJORITY_ROW: {}, CHANCE_ROW: {}}
+    for column in table.columns:
+        level = level_of(column)
+        if level not in base.index:
+            continue
+        kk = k if k is not None else _top_k(column)
+        row = base.loc[level]
+        extra[MAJORITY_ROW][column] = _mean_std(_majority_top_k(row, kk), np.nan)
+        extra[CHANCE_ROW][column] = _mean_std(min(kk, row["n_classes"]) / row["n_classes"], np.nan)
+    return pd.concat([table, pd.DataFrame.from_dict(extra, orient="index").reindex(columns=table.columns)
+                      .fillna("")])
+
+
+def _top_k(name) -> int:
+    m = re.search(r"top(\d+)", str(name))
+    return int(m.group(1)) if m else 1
+
+
+def _majority_top_k(row, k: int) -> float:
+    """Accuracy of always answering the k most common training classes (k = 1: the majority class)."""
+    shares = row["train_order_test_share"]
+    return float(sum(shares[:k])) if len(shares) else np.nan
+
+
+ZERO_SHOT_COLUMNS = {"top1_single_template": "top-1, first template", "top1_ensemble": "top-1, prompt ensemble",
+                     "top5_single_template": "top-5, first template", "top5_ensemble": "top-5, prompt ensemble"}
+
+
+def zero_shot_table(metrics: pd.DataFrame, *, grp: str = "all", baselines: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Zero-shot results as strings: one row per (level, model), one column per metric (readable
+    names such as 'top-1, prompt ensemble'), cells 'xx.x %' ('' where a model has no result).
+    ``baselines`` adds, per level, a 'majority-class baseline' row (the k most common training
+    classes, for top-k) and a 'chance' row (k / classes)."""
     rows = select_rows(metrics, task="zero_shot", grp=grp)
-    cells = rows.assign(column=rows["dataset"] + "/" + rows["level"] + " " + rows["metric"],
-                        cell=[_mean_std(v, np.nan) for v in rows["value"]])
-    table = cells.pivot(index="model", columns="column", values="cell").fillna("")
+    cells = rows.assign(cell=[_mean_std(v, np.nan) for v in rows["value"]])
+    table = cells.pivot(index=["level", "model"], columns="metric", values="cell").fillna("")
+    order = [c for c in ZERO_SHOT_COLUMNS if c in table.columns] + sorted(c for c in table.columns
+                                                                         if c not in ZERO_SHOT_COLUMNS)
+    table = table[order].sort_index()
+    if baselines is not None and len(baselines):
+        base = baselines[baselines["grp"] == "all"].set_index("level")
+        parts = []
+        for level, part in table.groupby(level="level", sort=True):
+            parts.append(part)
+            if level in base.index:
+                row = base.loc[level]
+                parts.append(pd.DataFrame(
+                    [[_mean_std(_majority_top_k(row, _top_k(c)), np.nan) for c in order],
+                     [_mean_std(min(_top_k(c), row["n_classes"]) / row["n_classes"], np.nan) for c in order]],
+                    index=pd.MultiIndex.from_tuples([(level, MAJORITY_ROW), (level, CHANCE_ROW)],
+                                                    names=["level", "model"]), columns=order))
+        table = pd.concat(parts)
+    table = table.rename(columns=ZERO_SHOT_COLUMNS)
     table.columns.name = None
-    return table.sort_index(axis=0).sort_index(axis=1)
+    return table
+
+
+def retrieval_table(metrics: pd.DataFrame, *, grp: str = "all", baselines: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Image↔text retrieval as strings: one row per (level, model, direction) with the candidates
+    each query ranks stated, columns 'P@k' / 'R@k' in percent.
+
+    image→text: each test image ranks one prompt-ensembled text per class (K class texts);
+    text→image: each class text ranks the N test images. K and N come from ``baselines``
+    (classes at the level) and the rows' ``n`` (test images scored).
+    """
+    rows = select_rows(metrics, task="retrieval", grp=grp)
+    parts = rows["metric"].str.extract(r"^(image_to_text|text_to_image)_(precision|recall)@(\d+)$")
+    rows = rows.assign(direction=parts[0], kind=parts[1], k=pd.to_numeric(parts[2])).dropna(subset=["direction"])
+    rows = rows.assign(column=np.where(rows["kind"] == "precision", "P@", "R@") + rows["k"].astype(int).astype(str),
+                       cell=[_mean_std(v, np.nan) for v in rows["value"]])
+    table = rows.pivot(index=["level", "model", "direction"], columns="column", values="cell").fillna("")
+    order = sorted(table.columns, key=lambda c: (c[0] != "P", int(c[2:])))
+    table = table[order]
+    classes = (baselines[baselines["grp"] == "all"].set_index("level")["n_classes_all"]
+               if baselines is not None and len(baselines) else pd.Series(dtype=float))
+    n_images = rows.groupby(["level", "model"])["n"].max()
+    candidates = []
+    for level, model, direction in table.index:
+        if direction == "image_to_text":
+            k = classes.get(level)
+            candidates.append(f"{int(k)} class texts" if k is not None and pd.notna(k) else "one text per class")
+        else:
+            n = n_images.get((level, model))
+            candidates.append(f"{int(n)} test images" if n is not None and pd.notna(n) else "the test images")
+    table.insert(0, "candidates ranked", candidates)
+    table = table.rename(index={"image_to_text": "image → text", "text_to_image": "text → image"})
+    table.columns.name = None
+    return table
 
 
 # ---------------------------------------------------------------- throughput
 def speed_bars(embedding_runs: pd.DataFrame, *, dataset: str | None = None):
     """Horizontal bars of embedding throughput (axis 'Images per second'), one bar per
-    (dataset, model) from its latest run that embedded new images, annotated with the image
-    count and seconds of that run. Returns a Figure."""
+    (dataset, model) from its latest run that embedded new images, in the model's colour,
+    annotated with the image count and seconds of that run. Returns a Figure."""
     from nfhm_pipeline.reports.summary import throughput_table
 
     runs = throughput_table(embedding_runs, dataset=dataset)
@@ -208,9 +349,14 @@ def speed_bars(embedding_runs: pd.DataFrame, *, dataset: str | None = None):
     runs = runs.sort_values("images_per_s")
     several = runs["dataset"].nunique() > 1
     names = [f"{m} · {d}" if several else m for m, d in zip(runs["model"], runs["dataset"])]
+    styles = model_styles(runs["model"].unique())
     fig = new_figure(8.0, 1.2 + 0.45 * len(runs))
     ax = fig.subplots()
-    bars = ax.barh(names, runs["images_per_s"], color="tab:blue")
+    bars = ax.barh(names, runs["images_per_s"], color=[styles[m][0] for m in runs["model"]])
+    for bar, model in zip(bars, runs["model"]):
+        if styles[model][1]:
+            bar.set_hatch(styles[model][1])
+            bar.set_edgecolor("white")
     notes = [f"{r.images_per_s:,.0f}/s · {r.embedded:,} images in {r.seconds:,.1f} s ({r.device})"
              for r in runs.itertuples()]
     ax.bar_label(bars, labels=notes, padding=3, fontsize=8)
@@ -224,9 +370,11 @@ def speed_bars(embedding_runs: pd.DataFrame, *, dataset: str | None = None):
 def confusion_figure(true, pred, labels=None, title: str = "", *, max_classes: int = 40):
     """Row-normalised confusion matrix in percent (row = true class, sums to 100 over all classes).
 
-    `labels` fixes the class order (default: sorted union of true and pred). With more than
-    `max_classes` classes only the `max_classes` most confused ones (most errors as true or as
-    predicted class) are shown, percentages still relative to the full row, and the title says so.
+    `labels` fixes the class order (default: sorted union of true and pred). Each row's label ends
+    with its count of test images, '(n=…)'. With more than `max_classes` classes only the
+    `max_classes` most confused ones (most errors as true or as predicted class) are shown,
+    percentages still relative to the full row, and the title says so. A title too long for the
+    figure is wrapped, never clipped.
     """
     true = np.asarray(true, dtype=object)
     pred = np.asarray(pred, dtype=object)
@@ -241,12 +389,14 @@ def confusion_figure(true, pred, labels=None, title: str = "", *, max_classes: i
     k = len(labels)
     counts = np.zeros((k, k), dtype=np.int64)
     np.add.at(counts, ([index[v] for v in true], [index[v] for v in pred]), 1)
+    row_totals = counts.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        percent = 100 * counts / counts.sum(axis=1, keepdims=True)
+        percent = 100 * counts / row_totals[:, None]
     if k > max_classes:
         errors = counts - np.diag(np.diag(counts))
         keep = np.sort(np.argsort(-(errors.sum(0) + errors.sum(1)), kind="stable")[:max_classes])
         percent = percent[np.ix_(keep, keep)]
+        row_totals = row_totals[keep]
         labels = [labels[i] for i in keep]
         title = f"{title} (top {max_classes} of {k} classes by confusion)".strip()
     n = len(labels)
@@ -257,27 +407,44 @@ def confusion_figure(true, pred, labels=None, title: str = "", *, max_classes: i
     fig.colorbar(image, ax=ax, shrink=0.8, label="% of true class")
     font = 8 if n <= 20 else 6
     ax.set_xticks(range(n), [str(v) for v in labels], rotation=90, fontsize=font)
-    ax.set_yticks(range(n), [str(v) for v in labels], fontsize=font)
+    ax.set_yticks(range(n), [f"{v} (n={int(c)})" for v, c in zip(labels, row_totals)], fontsize=font)
     ax.set_xlabel("Predicted")
-    ax.set_ylabel("True")
+    ax.set_ylabel("True (test images per class)")
     if n <= 25:  # beyond that the numbers no longer fit in a cell
         for i, j in zip(*np.nonzero(percent >= 0.5)):
             ax.text(j, i, f"{percent[i, j]:.0f}", ha="center", va="center", fontsize=font,
                     color="white" if percent[i, j] > 60 else "black")
-    ax.set_title(title)
+    # A figure title spans the whole figure (labels and colour bar included), and constrained
+    # layout makes room for it; wrapped to the figure's width it can never be clipped.
+    fig.suptitle(wrap_title(title, width_in=side + 1.0, fontsize=11), fontsize=11)
     return fig
 
 
+def wrap_title(text: str, *, width_in: float, fontsize: float) -> str:
+    """``text`` wrapped (each of its lines) to lines that fit ``width_in`` inches at ``fontsize``
+    points, so a figure title is never clipped at the figure's edges."""
+    chars = max(20, int(width_in * 72 / (0.62 * fontsize)))  # average glyph ≈ 0.6 em wide
+    return "\n".join(part for line in text.splitlines()
+                     for part in (textwrap.wrap(line, chars, break_on_hyphens=False) or [""]))
+
+
 # ---------------------------------------------------------------- files
-def save_png(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
-    """Write `fig` as PNG to `path` atomically (temp file + os.replace) and return the path.
+def save_png(fig, path: str | os.PathLike, dpi: int = 110, *, svg: bool = False) -> Path:
+    """Write `fig` as PNG to `path` atomically (temp file + os.replace) and return the path; with
+    ``svg``, also the same figure as SVG beside it (same name, suffix .svg) for publication.
 
     The figure is not registered with pyplot, so there is nothing to close: it is freed with its
-    last reference.
+    last reference. Raises StorageError naming the file when it cannot be written.
     """
     path = Path(path)
     with atomic_target(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
+    if svg:
+        from matplotlib import rc_context
+
+        # fonttype 'none': titles and labels stay text in the SVG (editable, searchable)
+        with atomic_target(path.with_suffix(".svg")) as tmp, rc_context({"svg.fonttype": "none"}):
+            fig.savefig(tmp, format="svg")
     return path
 
 

@@ -1,4 +1,4 @@
-"""Model rankings, result pivots and a short markdown summary from the warehouse tables.
+"""Model rankings, baselines, notes and a short markdown summary from the warehouse tables.
 
 Tables returned here keep metric values as fractions in [0, 1] unless a function says otherwise;
 only the markdown shows percent (one decimal).
@@ -46,21 +46,31 @@ def _all_group_values(metrics: pd.DataFrame, task: str, names) -> pd.DataFrame:
     return wide.reindex(columns=list(names))
 
 
+# The headline linear-probe metrics the evaluation stage writes (stages.evaluation.probe_tables).
+PROBE_TASK = "linear_probe"
+PROBE_CV_METRIC = "cv_accuracy"
+PROBE_TEST_METRIC = "test_accuracy"
+
+
 def rank_models(metrics: pd.DataFrame, *, level: str | None = None) -> pd.DataFrame:
     """Models ranked per (dataset, level) by whole-dataset (grp 'all') k-NN top1_cosine.
 
-    Columns: dataset, level, rank, model, top1_cosine, mean_cosine, plus probe_accuracy and
-    probe_accuracy_std (linear_probe 'accuracy' value and CV std) when any probe result exists.
-    Ties share the best rank (1, 1, 3) and are listed by mean_cosine, then model name; models
-    without top1_cosine come last with rank <NA>. Values are fractions.
+    Columns: dataset, level, rank, model, top1_cosine, mean_cosine, plus probe_cv_accuracy,
+    probe_cv_std (the linear probe's CV accuracy over the split's folds, mean and std) and
+    probe_test_accuracy (refit on all train, scored on the test split) when any linear-probe
+    result exists. Ties share the best rank (1, 1, 3) and are listed by mean_cosine, then model
+    name; models without top1_cosine come last with rank <NA>. Values are fractions.
     """
     knn = _all_group_values(metrics, "knn", ("top1_cosine", "mean_cosine"))
-    probe = select_rows(metrics, task="linear_probe", grp="all", metric="accuracy")
+    probe = select_rows(metrics, task=PROBE_TASK, grp="all", metric=[PROBE_CV_METRIC, PROBE_TEST_METRIC])
     if not probe.empty:
-        std = probe["std"] if "std" in probe.columns else np.nan
-        probe = probe.assign(probe_accuracy=probe["value"], probe_accuracy_std=std)
-        knn = knn.join(probe.set_index(["dataset", "level", "model"])[["probe_accuracy", "probe_accuracy_std"]],
-                       how="left")
+        keys = ["dataset", "level", "model"]
+        cv = probe[probe["metric"] == PROBE_CV_METRIC].set_index(keys)
+        test = probe[probe["metric"] == PROBE_TEST_METRIC].set_index(keys)
+        std = cv["std"] if "std" in cv.columns else pd.Series(np.nan, index=cv.index)
+        joined = pd.DataFrame({"probe_cv_accuracy": cv["value"], "probe_cv_std": std}).join(
+            test["value"].rename("probe_test_accuracy"), how="outer")
+        knn = knn.join(joined, how="left")
     table = knn.reset_index()
     if level is not None:
         table = table[table["level"] == level]
@@ -77,27 +87,153 @@ def rank_models(metrics: pd.DataFrame, *, level: str | None = None) -> pd.DataFr
     return table.reset_index(drop=True)
 
 
-def metrics_pivot(
-    metrics: pd.DataFrame, task: str = "knn", grp: str = "all", *,
-    dataset: str | None = None, percent: bool = True,
-) -> pd.DataFrame:
-    """Result table for the terminal: rows = model, columns = (level, metric).
+# ---------------------------------------------------------------- baselines
+BASELINE_COLUMNS = ["level", "grp", "n_train", "n_test", "n_classes", "n_classes_all", "majority_class",
+                    "majority", "chance", "smallest_class", "largest_class", "train_order_test_share"]
 
-    Values are percent rounded to one decimal when `percent` (default), else the stored fractions.
-    Needs one dataset: pass `dataset` when the table holds several.
+
+def class_baselines(labels: pd.DataFrame) -> pd.DataFrame:
+    """What a model scores without looking at the image, per (level, group), on the test split.
+
+    ``labels``: one row per (image, level) with columns split ('train'/'test'), grp (the reporting
+    group, or None), level, label (None/blank: no label at that level, left out as the evaluation
+    does). Rows are given for grp 'all' (every image) and each reporting group.
+
+    Columns: n_train, n_test (labelled images), n_classes (classes among the training images:
+    what a classifier can answer), n_classes_all (train and test), majority_class (the most common
+    training class; ties: first by name), majority (test accuracy of always answering it), chance
+    (1 / n_classes), smallest_class / largest_class (training images of the rarest / commonest
+    class) and train_order_test_share (test share of each training class, commonest first: the
+    sum of the first k is the majority baseline for top-k).
     """
-    rows = select_rows(metrics, task=task, grp=grp, dataset=dataset)
-    if rows["dataset"].nunique() > 1:
-        raise EvaluationError(f"metrics holds datasets {sorted(rows['dataset'].unique())}; "
-                              "pass dataset= to choose one")
-    table = rows.pivot(index="model", columns=["level", "metric"], values="value").sort_index(axis=1)
-    table.columns.names = ["level", "metric"]
-    return (100 * table).round(1) if percent else table
+    frame = labels.copy()
+    frame = frame[frame["label"].notna() & (frame["label"].astype(str).str.strip() != "")]
+    frame["label"] = frame["label"].astype(str)
+    parts = [frame.assign(grp="all")]
+    if "grp" in labels.columns:
+        parts.append(frame[frame["grp"].notna()].assign(grp=lambda f: f["grp"].astype(str)))
+    out = []
+    for (level, grp), rows in pd.concat(parts, ignore_index=True).groupby(["level", "grp"], sort=True):
+        train = rows.loc[rows["split"] == "train", "label"]
+        test = rows.loc[rows["split"] == "test", "label"]
+        counts = train.value_counts()
+        order = sorted(counts.index, key=lambda c: (-counts[c], c))
+        test_counts = test.value_counts()
+        shares = [float(test_counts.get(c, 0) / len(test)) if len(test) else np.nan for c in order]
+        out.append({
+            "level": level, "grp": grp, "n_train": len(train), "n_test": len(test), "n_classes": len(order),
+            "n_classes_all": rows["label"].nunique(), "majority_class": order[0] if order else None,
+            "majority": shares[0] if shares else np.nan, "chance": 1 / len(order) if order else np.nan,
+            "smallest_class": int(counts.min()) if len(counts) else 0,
+            "largest_class": int(counts.max()) if len(counts) else 0, "train_order_test_share": shares,
+        })
+    return pd.DataFrame(out, columns=BASELINE_COLUMNS)
+
+
+def skipped_groups(baselines: pd.DataFrame) -> pd.DataFrame:
+    """(level, grp, reason) of the per-group k-NN rows the evaluation leaves out: a group whose
+    training images hold a single class at the level (every prediction within it is that class
+    whatever the embedding), or one without training or test images."""
+    rows = baselines[baselines["grp"] != "all"]
+    reasons = []
+    for r in rows.itertuples():
+        if r.n_train == 0 or r.n_test == 0:
+            reasons.append((r.level, r.grp, f"{r.n_train} training and {r.n_test} test images"))
+        elif r.n_classes < 2:
+            reasons.append((r.level, r.grp, f"its training images are all {r.majority_class!r}"))
+    return pd.DataFrame(reasons, columns=["level", "grp", "reason"])
+
+
+# ---------------------------------------------------------------- notes on what a number means
+MEAN_RULE_GAP = 0.15      # top-1 minus mean accuracy that counts as the mean rule collapsing
+UNEVEN_CLASS_RATIO = 2.0  # largest / smallest training class that counts as uneven
+NEAR_MAJORITY = 0.10      # every model within this of the majority baseline gets a note
+
+
+def reading_notes(metrics: pd.DataFrame, baselines: pd.DataFrame | None) -> list[str]:
+    """Sentences on numbers that mislead without context: levels where the mean rules collapse
+    (uneven classes: the mean rule favours compact classes) and levels where every model is close
+    to the majority-class baseline."""
+    knn = _all_group_values(metrics, "knn", KNN_RULES)
+    base = (baselines[baselines["grp"] == "all"].set_index("level")
+            if baselines is not None and len(baselines) else pd.DataFrame())
+    notes = []
+    for level, frame in knn.groupby(level="level", sort=True):
+        frame = frame.droplevel(["dataset", "level"])
+        gap = (frame["top1_cosine"] - frame["mean_cosine"]).dropna()
+        row = base.loc[level] if level in base.index else None
+        uneven = row is not None and row["smallest_class"] > 0 and \
+            row["largest_class"] / row["smallest_class"] >= UNEVEN_CLASS_RATIO
+        if len(gap) and gap.max() >= MEAN_RULE_GAP and (uneven or row is None):
+            model = sorted(gap.index[gap == gap.max()])[0]
+            sizes = (f" ({int(row['n_classes'])} classes of {int(row['smallest_class'])} to "
+                     f"{int(row['largest_class'])} training images)") if row is not None else ""
+            notes.append(
+                f"**{level}: the mean rules score far below top-1** ({model}: mean cosine "
+                f"{_pct(frame.loc[model, 'mean_cosine'])} beside top-1 cosine {_pct(frame.loc[model, 'top1_cosine'])})."
+                f" The mean rule answers the class whose training images are on average most similar; a broad class"
+                f" of varied members{sizes} has a low average similarity even to its own images, so compact classes"
+                " win. The seed's rule is kept as defined; at such a level read the top-1 rules.")
+        if row is not None and pd.notna(row["majority"]):
+            best = frame["top1_cosine"].max()
+            if pd.notna(best) and best - row["majority"] <= NEAR_MAJORITY:
+                notes.append(
+                    f"**{level}: every model is within {100 * NEAR_MAJORITY:.0f} points of the majority-class "
+                    f"baseline.** Always answering {row['majority_class']!r} scores {_pct(row['majority'])} on the "
+                    f"test split (chance: {_pct(row['chance'])}); the best top-1 cosine is {_pct(best)}.")
+    return notes
+
+
+def split_facts(summary: pd.DataFrame | None, rejected: pd.DataFrame | None) -> list[str]:
+    """Markdown list lines: the split's mode, realised fraction, groups per side, largest group
+    share, near-duplicate pairs and warnings (warehouse ``split_summary``, when present) and the
+    images rejected at ingest by reason (``rejected_images``)."""
+    lines = []
+    if summary is not None and len(summary):
+        s = summary.iloc[0]
+        mode = s.get("mode")
+        seed = s.get("seed")
+        head = f"mode **{mode}**" + (f", seed {int(seed)}" if pd.notna(seed) else "")
+        frac = (f"test fraction requested {_pct(s.get('requested_test_fraction'))}, realised "
+                f"{_pct(s.get('realised_test_fraction'))}")
+        sizes = ""
+        if pd.notna(s.get("n_train")) and pd.notna(s.get("n_test")):
+            sizes = f" ({int(s['n_train']):,} train / {int(s['n_test']):,} test images)"
+        lines.append(f"- {head}; {frac}{sizes}")
+        if pd.notna(s.get("n_groups_train")) or pd.notna(s.get("n_groups_test")):
+            share = s.get("largest_group_share")
+            lines.append(f"- groups (leakage unit): {_count(s.get('n_groups_train'))} train / "
+                         f"{_count(s.get('n_groups_test'))} test"
+                         + (f"; the largest group holds {_pct(share)} of its class's test images"
+                            if pd.notna(share) else ""))
+        else:
+            lines.append("- groups (leakage unit): none declared (`split.group_by`), images split one by one")
+        if pd.notna(s.get("n_near_duplicate_pairs")):
+            lines.append(f"- cross-split near-duplicate pairs: {int(s['n_near_duplicate_pairs'])}"
+                         + (" (see table `near_duplicates`)" if int(s["n_near_duplicate_pairs"]) else ""))
+        for warning in str(s.get("warnings") or "").splitlines():
+            if warning.strip():
+                lines.append(f"- **warning:** {warning.strip()}")
+        if s.get("split_id"):
+            lines.append(f"- split id `{s['split_id']}`")
+    else:
+        lines.append("- no split summary recorded (materialize the dataset's `splits` asset again to record one)")
+    if rejected is not None and len(rejected):
+        counts = rejected["reason"].astype(str).value_counts().sort_index()
+        lines.append(f"- images rejected at ingest: {len(rejected):,} ("
+                     + ", ".join(f"{reason}: {n:,}" for reason, n in counts.items()) + "; table `rejected_images`)")
+    else:
+        lines.append("- images rejected at ingest: none")
+    return lines
+
+
+def _count(value) -> str:
+    return "—" if value is None or pd.isna(value) else f"{int(value):,}"
 
 
 # ---------------------------------------------------------------- markdown
 def _pct(value) -> str:
-    return "—" if value is None or pd.isna(value) else f"{100 * float(value):.1f}%"
+    return "—" if value is None or pd.isna(value) else f"{100 * float(value):.1f} %"
 
 
 def _md_table(header: list[str], body: list[list[str]]) -> str:
@@ -106,32 +242,80 @@ def _md_table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join([line(header), line(["---"] * len(header))] + [line(r) for r in body])
 
 
-def markdown_summary(metrics: pd.DataFrame, embedding_runs: pd.DataFrame, dataset: str) -> str:
-    """A short markdown report for one dataset: the best model per level and k-NN rule (ties
-    listed together), the ranking table per level and the embedding speed table. Percent with
-    one decimal."""
+def _mean_std_pct(value, std) -> str:
+    if value is None or pd.isna(value):
+        return "—"
+    return _pct(value) if std is None or pd.isna(std) else f"{100 * float(value):.1f} ± {100 * float(std):.1f} %"
+
+
+def markdown_summary(metrics: pd.DataFrame, embedding_runs: pd.DataFrame, dataset: str, *,
+                     baselines: pd.DataFrame | None = None, stale_models=(), split_summary: pd.DataFrame | None = None,
+                     rejected: pd.DataFrame | None = None) -> str:
+    """A short markdown report for one dataset, in percent with one decimal:
+
+    * models whose stored results come from another split (not compared; re-run them);
+    * the split's facts (:func:`split_facts`);
+    * notes on what the numbers mean (:func:`reading_notes`) and per-group rows left out;
+    * the best model per level and k-NN rule (ties listed together), beside the majority-class
+      and chance baselines;
+    * the ranking per level (k-NN top-1 / mean cosine, linear probe CV and test accuracy) with
+      baseline rows; the embedding speed table.
+    """
     parts = [f"## {dataset}"]
     metrics = metrics[metrics["dataset"] == dataset]
+    if stale_models:
+        parts.append(f"**Not compared — results of an earlier split:** {', '.join(stale_models)}. Their stored "
+                     "metrics and predictions were computed on another split of this dataset, so they are left "
+                     "out; re-materialize their metric assets (e.g. `nfhm demo --dataset "
+                     f"{dataset} " + " ".join(f"--model {m}" for m in stale_models) + "`).")
+    if split_summary is not None or rejected is not None:
+        parts += ["### Split", "\n".join(split_facts(split_summary, rejected))]
+    base = (baselines[baselines["grp"] == "all"].set_index("level")
+            if baselines is not None and len(baselines) else pd.DataFrame())
     knn = _all_group_values(metrics, "knn", KNN_RULES)
+    notes = reading_notes(metrics, baselines) if not knn.empty else []
+    if baselines is not None and len(baselines):
+        skipped = skipped_groups(baselines)
+        for level, rows in skipped.groupby("level", sort=True):
+            notes.append(f"**{level}: per-group rows left out** for " + "; ".join(
+                f"{r.grp} ({r.reason})" for r in rows.itertuples()) + ". Within such a group the nearest "
+                "neighbour is right or wrong whatever the embedding, so its bar would mean nothing.")
+        notes.append("Baselines: **majority class** = always answering the most common training class, scored on "
+                     "the test split; **chance** = 1 / the number of training classes.")
+    if notes:
+        parts += ["### Reading the numbers", "\n".join(f"- {n}" for n in notes)]
     if knn.empty:
         parts.append("No k-NN metrics yet.")
     else:
         best = []
         for lvl, frame in knn.groupby(level="level", sort=True):
+            row = base.loc[lvl] if lvl in base.index else None
             for rule in KNN_RULES:
                 scores = frame[rule].droplevel(["dataset", "level"]).dropna()
                 if not scores.empty:
                     winners = sorted(scores.index[scores == scores.max()])
-                    best.append([lvl, rule_title(rule), ", ".join(winners), _pct(scores.max())])
+                    best.append([lvl, rule_title(rule), ", ".join(winners), _pct(scores.max()),
+                                 _pct(row["majority"]) if row is not None else "—",
+                                 _pct(row["chance"]) if row is not None else "—"])
         parts += ["### Best model per level and rule (whole dataset)",
-                  _md_table(["level", "rule", "best model", "accuracy"], best)]
+                  _md_table(["level", "rule", "best model", "accuracy", "majority class", "chance"], best)]
         ranking = rank_models(metrics)
-        has_probe = "probe_accuracy" in ranking.columns
+        has_probe = "probe_cv_accuracy" in ranking.columns
         for lvl, frame in ranking.groupby("level", sort=True):
-            header = ["rank", "model", "top-1 cosine", "mean cosine"] + (["linear probe"] if has_probe else [])
-            body = [[("—" if pd.isna(r["rank"]) else int(r["rank"])), r["model"], _pct(r["top1_cosine"]),
-                     _pct(r["mean_cosine"])] + ([_pct(r["probe_accuracy"])] if has_probe else [])
-                    for _, r in frame.iterrows()]
+            header = ["rank", "model", "top-1 cosine", "mean cosine"]
+            header += ["linear probe, CV (mean ± std)", "linear probe, test"] if has_probe else []
+            body = []
+            for _, r in frame.iterrows():
+                cells = [("—" if pd.isna(r["rank"]) else int(r["rank"])), r["model"], _pct(r["top1_cosine"]),
+                         _pct(r["mean_cosine"])]
+                if has_probe:
+                    cells += [_mean_std_pct(r["probe_cv_accuracy"], r["probe_cv_std"]), _pct(r["probe_test_accuracy"])]
+                body.append(cells)
+            if lvl in base.index:
+                row = base.loc[lvl]
+                for name, value in (("majority-class baseline", row["majority"]),
+                                    ("chance (1 / classes)", row["chance"])):
+                    body.append(["—", name] + [_pct(value)] * (len(header) - 2))
             parts += [f"### Ranking — {lvl}", _md_table(header, body)]
     speed = throughput_table(embedding_runs, dataset=dataset)
     parts.append("### Embedding speed")

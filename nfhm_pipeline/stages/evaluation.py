@@ -1,8 +1,22 @@
 """Stage 3: stored embeddings + the shared split → metric tables.
 
 Every function returns long tables shaped like the warehouse tables ``metrics``,
-``per_class_metrics`` and ``predictions`` (without dataset/model/run columns,
-which the caller adds). Accuracies are fractions in [0, 1].
+``per_class_metrics``, ``predictions`` and ``evaluation_exclusions`` (without
+dataset/model/run/split columns, which the caller adds). Accuracies are fractions in [0, 1].
+
+Rows that cannot take part are left out per label level and recorded (``exclusions``), never
+turned into a class or an error for the whole dataset:
+
+* ``no_label_at_level``: the image has no label at that level (a species without a genus). It
+  is left out of that level's evaluation, train and test, and kept for the levels it has.
+* ``zero_vector``: an all-zero embedding (a constant black image under raw pixels), whose cosine
+  is undefined. In kNN a train one is left out of the neighbour search; a test one (kNN,
+  zero-shot, retrieval) is "no prediction" (predicted_label NULL) and scored WRONG, so every
+  model is judged on the same test images. The probes keep such vectors: a zero vector is an
+  ordinary point for a standardised linear classifier, which predicts it like any other.
+
+Per-group kNN rows of a reporting group whose train images hold a single class at a level (one
+video = one species) are skipped: every prediction inside it is that class whatever the embedding.
 """
 from __future__ import annotations
 
@@ -18,17 +32,50 @@ from nfhm_pipeline.store.embedding_store import EmbeddingTable
 ALL = "all"
 
 
+NO_LABEL = "no_label_at_level"
+ZERO_VECTOR = "zero_vector"
+EXCLUSION_COLUMNS = ["task", "level", "image_id", "split", "reason"]
+
+
 @dataclass
 class EvalTables:
     metrics: list[pd.DataFrame] = field(default_factory=list)
     per_class: list[pd.DataFrame] = field(default_factory=list)
     predictions: list[pd.DataFrame] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # one sentence per (level, group) left out
+    # rows (task, level, image_id, split, reason) left out of a level's evaluation, or not predicted
+    exclusions: list[pd.DataFrame] = field(default_factory=list)
+    # per-group kNN rows skipped because the group holds a single class: (level, group, class)
+    single_class_groups: list[tuple[str, str, str]] = field(default_factory=list)
 
     def frames(self) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
         def cat(parts):
             return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
         return cat(self.metrics), cat(self.per_class), cat(self.predictions)
+
+    def exclusions_frame(self) -> pd.DataFrame:
+        parts = [p for p in self.exclusions if len(p)]
+        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=EXCLUSION_COLUMNS)
+
+    def exclude(self, tasks, level: str, frame: pd.DataFrame, rows: np.ndarray, reason: str) -> None:
+        """Record the ``rows`` (bool mask over ``frame``) of ``level`` as left out for ``reason``."""
+        if not rows.any():
+            return
+        for task in (tasks,) if isinstance(tasks, str) else tasks:
+            self.exclusions.append(pd.DataFrame({
+                "task": task, "level": level, "image_id": frame["image_id"].to_numpy()[rows],
+                "split": frame["split"].to_numpy()[rows], "reason": reason}))
+
+    def exclusion_summary(self) -> dict:
+        """{"<task>/<level>/<reason>": count} and a few example image ids, for asset metadata."""
+        frame = self.exclusions_frame()
+        if frame.empty:
+            return {}
+        counts = frame.groupby(["task", "level", "reason", "split"], sort=True).size()
+        summary = {f"{t}/{lvl}/{r}/{s}": int(n) for (t, lvl, r, s), n in counts.items()}
+        examples = frame.drop_duplicates(["level", "reason", "image_id"]).head(10)
+        return {"counts": summary, "examples": [f"{r.level}/{r.reason}: {r.image_id} ({r.split})"
+                                                 for r in examples.itertuples()]}
 
 
 def evaluation_frame(manifest: pd.DataFrame, splits: pd.DataFrame, table: EmbeddingTable, levels) -> tuple[pd.DataFrame, np.ndarray]:
@@ -54,44 +101,94 @@ def groups_of(frame: pd.DataFrame) -> list[str]:
     return [ALL, *groups] if groups else [ALL]
 
 
+def labelled(frame: pd.DataFrame, level: str) -> np.ndarray:
+    """bool per row: the row has a label at ``level`` (not null, not blank)."""
+    values = frame[level]
+    return (values.notna() & (values.astype(str).str.strip() != "")).to_numpy()
+
+
+def zero_vectors(vectors: np.ndarray) -> np.ndarray:
+    """bool per row: the embedding is all zeros (its cosine to anything is undefined)."""
+    return ~np.any(np.asarray(vectors) != 0, axis=1)
+
+
+def _class_indices(classes: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Index of each label in the sorted ``classes``, -1 for labels no train row has."""
+    pos = np.searchsorted(classes, labels).clip(0, len(classes) - 1)
+    return np.where(classes[pos] == labels, pos, -1).astype(np.int64)
+
+
 def knn_tables(frame: pd.DataFrame, vectors: np.ndarray, levels, *, ks=(1, 3, 5), device=None) -> EvalTables:
     """The four nearest-neighbour rules (+ L2 Euclidean variants) per label level and group.
 
     Within a group, neighbours are searched among that group's train images only (as the seed
     did per taxon); ``all`` searches the whole train set. A (level, group) with no train or no
-    test image is skipped and reported.
+    test image is skipped and reported; so is a reporting group whose train images hold one
+    class at the level (``single_class_groups``). top-k rows are given for 1 < k < the number of
+    train classes: from k = n_classes on, every known class is in the top k. Rows without a
+    label at a level and all-zero vectors: see the module docstring.
     """
     out = EvalTables()
     is_train = (frame["split"] == "train").to_numpy()
+    zero = zero_vectors(vectors)
+    has_label = {level: labelled(frame, level) for level in levels}
+    for level in levels:
+        out.exclude("knn", level, frame, ~has_label[level], NO_LABEL)
+        out.exclude("knn", level, frame, has_label[level] & zero, ZERO_VECTOR)
     for grp in groups_of(frame):
         in_grp = np.ones(len(frame), bool) if grp == ALL else (frame["group"].astype(str) == grp).to_numpy()
-        tr, te = np.flatnonzero(in_grp & is_train), np.flatnonzero(in_grp & ~is_train)
         for level in levels:
+            usable = in_grp & has_label[level]
+            tr, te = np.flatnonzero(usable & is_train & ~zero), np.flatnonzero(usable & ~is_train)
             if len(tr) == 0 or len(te) == 0:
-                out.skipped.append(f"{level}/{grp}: {len(tr)} train and {len(te)} test images")
+                out.skipped.append(f"{level}/{grp}: {len(tr)} usable train and {len(te)} test images")
                 continue
             train_labels = frame[level].to_numpy()[tr].astype(str)
             true = frame[level].to_numpy()[te].astype(str)
-            ranking = nearest_neighbour_scores(vectors[tr], train_labels, vectors[te], ks=ks, device=device)
-            true_idx = ranking.class_indices(true)
-            rows = []
-            for rule in (*RULES, *L2_RULES):
-                pred = ranking.labels(rule)
-                s = summarize_predictions(true, pred)
-                rows.append((rule, s["accuracy"]))
-                rows.append((f"balanced_accuracy_{rule}", s["balanced_accuracy"]))
-                rows.append((f"macro_f1_{rule}", s["macro_f1"]))
-                for k in ks:
-                    if k > 1 and k <= len(ranking.classes):
-                        rows.append((f"top{k}_{rule}", topk_accuracy(true_idx, ranking.rankings[rule], k)))
-                report = per_class_report(true, pred).assign(task="knn", level=level, grp=grp, rule=rule)
-                out.per_class.append(report)
-                out.predictions.append(pd.DataFrame({
-                    "task": "knn", "level": level, "grp": grp, "rule": rule,
-                    "image_id": frame["image_id"].to_numpy()[te], "true_label": true, "predicted_label": pred}))
-            m = pd.DataFrame(rows, columns=["metric", "value"])
-            out.metrics.append(m.assign(task="knn", level=level, grp=grp, std=np.nan, n=len(te)))
+            if grp != ALL and len(set(train_labels)) < 2:
+                only = str(train_labels[0])
+                out.single_class_groups.append((level, grp, only))
+                out.skipped.append(f"{level}/{grp}: the group's train images are all {only!r}, so every "
+                                   "prediction within it is that class whatever the embedding")
+                continue
+            _knn_level_group(out, frame, vectors, level, grp, tr, te, train_labels, true, zero[te], ks, device)
     return out
+
+
+def _knn_level_group(out: EvalTables, frame, vectors, level, grp, tr, te, train_labels, true, no_vector, ks,
+                     device) -> None:
+    """Rows of one (level, group): ``tr``/``te`` row numbers, ``no_vector`` bool per test row."""
+    scored = te[~no_vector]
+    ranking = (nearest_neighbour_scores(vectors[tr], train_labels, vectors[scored], ks=ks, device=device)
+               if len(scored) else None)
+    classes = ranking.classes if ranking is not None else np.unique(train_labels)
+    true_idx = ranking.class_indices(true) if ranking is not None and not no_vector.any() \
+        else _class_indices(classes, true)
+    width = min(max(ks), len(classes))
+    rows = []
+    for rule in (*RULES, *L2_RULES):
+        if not no_vector.any():
+            pred, ranks = ranking.labels(rule), ranking.rankings[rule]
+        else:  # test rows without a vector: no prediction (NULL), and a ranking that never hits
+            pred = np.full(len(te), None, dtype=object)
+            ranks = np.full((len(te), width), -1, dtype=np.int64)
+            if ranking is not None:
+                pred[~no_vector] = ranking.labels(rule)
+                ranks[~no_vector] = ranking.rankings[rule]
+        s = summarize_predictions(true, pred)
+        rows.append((rule, s["accuracy"]))
+        rows.append((f"balanced_accuracy_{rule}", s["balanced_accuracy"]))
+        rows.append((f"macro_f1_{rule}", s["macro_f1"]))
+        for k in ks:
+            if 1 < k < len(classes):
+                rows.append((f"top{k}_{rule}", topk_accuracy(true_idx, ranks, k)))
+        report = per_class_report(true, pred).assign(task="knn", level=level, grp=grp, rule=rule)
+        out.per_class.append(report)
+        out.predictions.append(pd.DataFrame({
+            "task": "knn", "level": level, "grp": grp, "rule": rule,
+            "image_id": frame["image_id"].to_numpy()[te], "true_label": true, "predicted_label": pred}))
+    m = pd.DataFrame(rows, columns=["metric", "value"])
+    out.metrics.append(m.assign(task="knn", level=level, grp=grp, std=np.nan, n=len(te)))
 
 
 def probe_tables(frame: pd.DataFrame, vectors: np.ndarray, levels, *, seed: int = 0) -> EvalTables:
@@ -101,38 +198,49 @@ def probe_tables(frame: pd.DataFrame, vectors: np.ndarray, levels, *, seed: int 
     from nfhm_pipeline.evaluation.linear_probe import probe_on_split
 
     out = EvalTables()
-    train = (frame["split"] == "train").to_numpy()
-    folds = frame.loc[train, "fold"].to_numpy(dtype=np.int64)
+    is_train = (frame["split"] == "train").to_numpy()
+    tasks = ("linear_probe", "logistic_probe")
     for level in levels:
+        has = labelled(frame, level)
+        out.exclude(tasks, level, frame, ~has, NO_LABEL)
+        train, test = is_train & has, ~is_train & has
         y = frame[level].astype(str).to_numpy()
+        folds = frame.loc[train, "fold"].to_numpy(dtype=np.int64)
         if len(np.unique(y[train])) < 2:
             out.skipped.append(f"{level}: fewer than two classes in train")
             continue
-        for task, classifier in (("linear_probe", "linear_svc"), ("logistic_probe", "logistic")):
+        for task, classifier in zip(tasks, ("linear_svc", "logistic")):
             try:
-                result = probe_on_split(vectors[train], y[train], vectors[~train], y[~train], folds=folds,
+                result = probe_on_split(vectors[train], y[train], vectors[test], y[test], folds=folds,
                                         classifier=classifier, seed=seed)
             except EvaluationError as exc:
                 out.skipped.append(f"{task}/{level}: {exc}")
                 continue
             out.metrics.append(result.metrics_frame().assign(task=task, level=level, grp=ALL))
             pred = np.asarray(result.test_predictions).astype(str)
-            out.per_class.append(per_class_report(y[~train], pred).assign(task=task, level=level, grp=ALL, rule=classifier))
+            out.per_class.append(per_class_report(y[test], pred).assign(task=task, level=level, grp=ALL, rule=classifier))
             out.predictions.append(pd.DataFrame({
                 "task": task, "level": level, "grp": ALL, "rule": classifier,
-                "image_id": frame["image_id"].to_numpy()[~train], "true_label": y[~train], "predicted_label": pred}))
+                "image_id": frame["image_id"].to_numpy()[test], "true_label": y[test], "predicted_label": pred}))
     return out
 
 
 def zero_shot_tables(frame: pd.DataFrame, vectors: np.ndarray, prompts: pd.DataFrame, text_vectors: np.ndarray,
                      levels) -> EvalTables:
     """Zero-shot top-1/top-5 (first template vs prompt ensemble) on the test images, and
-    image↔text retrieval P@K / R@K with one ensembled text per class."""
+    image↔text retrieval P@K / R@K with one ensembled text per class. top-k rows are given for
+    k = 1 and for 1 < k < the number of prompted classes (from there on every class is in the
+    top k). Rows without a label at a level and all-zero vectors: see the module docstring."""
     from nfhm_pipeline.evaluation.zero_shot import ensemble_class_embeddings, retrieval_metrics, zero_shot_accuracy
 
     out = EvalTables()
-    test = (frame["split"] == "test").to_numpy()
+    zero = zero_vectors(vectors)
+    tasks = ("zero_shot", "retrieval")
     for level in levels:
+        has = labelled(frame, level)
+        is_test = (frame["split"] == "test").to_numpy()
+        out.exclude(tasks, level, frame, is_test & ~has, NO_LABEL)
+        test = is_test & has
         p = prompts[prompts["level"] == level]
         if p.empty:
             out.skipped.append(f"{level}: no prompts")
@@ -150,11 +258,21 @@ def zero_shot_tables(frame: pd.DataFrame, vectors: np.ndarray, prompts: pd.DataF
         if not known.any():
             out.skipped.append(f"{level}: no test image has a prompted class")
             continue
-        acc = zero_shot_accuracy(vectors[test][known], idx[known], emb)
+        no_vector = zero[test][known]
+        unpredicted = np.zeros(len(frame), bool)
+        unpredicted[np.flatnonzero(test)[known][no_vector]] = True
+        out.exclude(tasks, level, frame, unpredicted, ZERO_VECTOR)
+        acc = zero_shot_accuracy(vectors[test][known], idx[known], emb, no_prediction=no_vector)
+        # top-k with k >= the number of classes holds every class: 100 % by construction
+        acc = acc[(acc["k"] == 1) | (acc["k"] < len(classes))]
         acc = acc.assign(metric=acc["metric"].str.replace("_accuracy", "") + "_" + acc["prompting"])
         out.metrics.append(pd.DataFrame({"task": "zero_shot", "level": level, "grp": ALL, "metric": acc["metric"],
                                          "value": acc["value"], "std": np.nan, "n": acc["n_images"]}))
-        ret = retrieval_metrics(vectors[test][known], idx[known], ensemble_class_embeddings(emb), np.arange(len(classes)))
+        if no_vector.all():
+            out.skipped.append(f"retrieval/{level}: every test image has an all-zero embedding")
+            continue
+        ret = retrieval_metrics(vectors[test][known], idx[known], ensemble_class_embeddings(emb), np.arange(len(classes)),
+                                no_prediction=no_vector)
         out.metrics.append(pd.DataFrame({
             "task": "retrieval", "level": level, "grp": ALL,
             "metric": ret["direction"] + "_" + ret["metric"] + "@" + ret["k"].astype(str),

@@ -21,21 +21,29 @@ class ManifestBuild:
         return {level: int(self.manifest[level].nunique()) for level in labels}
 
 
-def reader_params(spec: DatasetSpec, sources_dir: Path) -> dict:
-    """Translate a catalog entry into the keyword arguments of its reader."""
+def reader_params(spec: DatasetSpec, sources_dir: Path, levels=None) -> dict:
+    """Translate a catalog entry into the keyword arguments of its reader.
+
+    ``levels``: the label levels the source itself must supply (default all; fewer when a
+    ``taxonomy`` CSV supplies the coarser ones)."""
     p = dict(spec.params)
+    p.pop("taxonomy", None)
+    levels = tuple(levels or spec.labels)
     out_dir = sources_dir / spec.name
+    # A leakage unit that is also the reporting group is copied from `group` after reading.
+    own_column = spec.split.group_by and spec.split.group_by != spec.group
+    split_group = {"split_group_column": spec.split.group_by} if own_column else {}
     if spec.reader == "demo_shapes":
-        return {"out_dir": out_dir, "label_columns": spec.labels, **p}
+        return {"out_dir": out_dir, "label_columns": levels, **p}
     if spec.reader == "sklearn_digits":
         return {"out_dir": out_dir, "label_column": spec.finest_label}
     if spec.reader == "vlm4bio_csv":
-        return {"csv_path": p.pop("csv"), "label_columns": spec.labels, **p}
+        return {"csv_path": p.pop("csv"), "label_columns": levels, **split_group, **p}
     if spec.reader == "label_csv":
-        return {"csv_path": p.pop("csv"), "label_columns": spec.labels,
-                "group_column": p.pop("group_column", None) or spec.group, **p}
+        return {"csv_path": p.pop("csv"), "label_columns": levels,
+                "group_column": p.pop("group_column", None) or spec.group, **split_group, **p}
     if spec.reader == "image_folder":
-        return {"root": p.pop("root"), "label_column": spec.finest_label}
+        return {"root": p.pop("root"), "label_column": spec.finest_label, **p}
     if spec.reader == "medmnist_npz":
         return {"npz_path": p.pop("npz"), "out_dir": out_dir, "label_column": spec.finest_label, **p}
     if spec.reader == "chexpert_csv":
@@ -60,8 +68,18 @@ def build_manifest(spec: DatasetSpec, sources_dir: str | os.PathLike, *, max_pix
 
         candidates = chexpert_candidates(**reader_params(spec, Path(sources_dir)))
         label_columns += finding_columns(spec)
+    elif spec.params.get("taxonomy"):
+        from nfhm_pipeline.ingest.readers import apply_taxonomy, taxonomy_levels
+
+        taxonomy, delimiter = spec.params["taxonomy"], spec.params.get("delimiter")
+        supplied = taxonomy_levels(taxonomy, label_columns, delimiter)
+        own = [level for level in label_columns if level not in supplied]
+        candidates = read_source(spec.reader, **reader_params(spec, Path(sources_dir), own))
+        candidates = apply_taxonomy(candidates, taxonomy, label_columns, delimiter)
     else:
         candidates = read_source(spec.reader, **reader_params(spec, Path(sources_dir)))
+    if spec.split.group_by and spec.split.group_by == spec.group:
+        candidates = candidates.assign(split_group=candidates["group"])
     kwargs = {"max_pixels": max_pixels} if max_pixels else {}
     manifest, rejected = validate_images(candidates, label_columns, workers=min(8, (os.cpu_count() or 2) * 2), **kwargs)
     return ManifestBuild(manifest=manifest, rejected=rejected)

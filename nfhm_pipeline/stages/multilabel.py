@@ -26,7 +26,7 @@ import pandas as pd
 
 from nfhm_pipeline.catalog import DatasetSpec
 from nfhm_pipeline.errors import CatalogError, EvaluationError, ManifestError
-from nfhm_pipeline.stages.evaluation import ALL, EvalTables
+from nfhm_pipeline.stages.evaluation import ALL, ZERO_VECTOR, EvalTables, zero_vectors
 
 PROBE_TASK = "multilabel_probe"
 ZERO_SHOT_TASK = "multilabel_zero_shot"
@@ -307,7 +307,7 @@ def multilabel_tables(frame: pd.DataFrame, vectors: np.ndarray, targets: AucTarg
     """One-vs-rest logistic probe (fit on the split's train rows, each label on its counted rows)
     and, with `text`, zero-shot from the positive/negative prompt pair; both scored by ROC AUC per
     label on the test rows. ``frame`` rows align with ``vectors`` [N, D] and the targets."""
-    from nfhm_pipeline.evaluation.multilabel import multilabel_probe, zero_shot_auc
+    from nfhm_pipeline.evaluation.multilabel import multilabel_probe
 
     train, test = _split_rows(frame)
     y, m, names = targets.y, targets.mask, targets.names
@@ -316,12 +316,34 @@ def multilabel_tables(frame: pd.DataFrame, vectors: np.ndarray, targets: AucTarg
                                      label_names=names, seed=seed)
     out.add(PROBE_TASK, targets.level, table, auc_summary(y[test], m[test], scores), int(test.sum()))
     if text is not None:
-        table = zero_shot_auc(vectors[test], text.positive_emb, text.negative_emb, y[test], m[test], names)
-        margin = cosine_margin(vectors[test], text.positive_emb, text.negative_emb)
+        table, margin = _zero_shot_table(vectors[test], text, y[test], m[test], names)
         out.add(ZERO_SHOT_TASK, targets.level, table, auc_summary(y[test], m[test], margin), int(test.sum()))
+        out.tables.exclude(ZERO_SHOT_TASK, targets.level, frame, test & zero_vectors(vectors), ZERO_VECTOR)
     else:
         out.tables.skipped.append(f"{ZERO_SHOT_TASK}: the model has no text tower")
     return out
+
+
+def _zero_shot_table(image_emb, text: LabelTexts, y, mask, names) -> tuple[pd.DataFrame, np.ndarray]:
+    """Per-label zero-shot AUC table and the scores it ranks (cosine margin) of the test rows.
+
+    An all-zero image vector has no cosine, so no zero-shot score: it is scored WRONG, i.e. placed
+    below every positive score when the entry is positive and above every score when negative,
+    so every model is judged on the same test entries (see ``stages.evaluation``).
+    """
+    from nfhm_pipeline.evaluation.multilabel import roc_auc_per_label, zero_shot_auc
+
+    zero = zero_vectors(image_emb)
+    if not zero.any():
+        return (zero_shot_auc(image_emb, text.positive_emb, text.negative_emb, y, mask, names),
+                cosine_margin(image_emb, text.positive_emb, text.negative_emb))
+    margin = np.zeros((len(image_emb), len(names)))
+    if (~zero).any():
+        margin[~zero] = cosine_margin(np.asarray(image_emb)[~zero], text.positive_emb, text.negative_emb)
+    # below / above every score of every label, so pooled (micro) AUC counts them wrong too
+    lo, hi = (margin[~zero].min() - 1, margin[~zero].max() + 1) if (~zero).any() else (0.0, 1.0)
+    margin[zero] = np.where(np.asarray(y)[zero] == 1, lo, hi)
+    return roc_auc_per_label(y, mask, margin, names), margin
 
 
 def cosine_margin(image_emb, pos_text_emb, neg_text_emb) -> np.ndarray:
@@ -352,7 +374,7 @@ def alignment_tables(frame: pd.DataFrame, vectors: np.ndarray, targets: AucTarge
     the positive label prompts, score the test rows by cosine to each label text, and compare the
     per-label AUC with the zero-shot AUC of the same prompts (diff = head − zero-shot)."""
     from nfhm_pipeline.evaluation.alignment import train_alignment_head
-    from nfhm_pipeline.evaluation.multilabel import auc_difference_table, roc_auc_per_label, zero_shot_auc
+    from nfhm_pipeline.evaluation.multilabel import auc_difference_table, roc_auc_per_label
 
     train, test = _split_rows(frame)
     y, m, names = targets.y, targets.mask, targets.names
@@ -362,7 +384,7 @@ def alignment_tables(frame: pd.DataFrame, vectors: np.ndarray, targets: AucTarge
     out = AucResult()
     table = roc_auc_per_label(y[test], m[test], scores, names)
     out.add(ALIGNMENT_TASK, targets.level, table, auc_summary(y[test], m[test], scores), int(test.sum()))
-    zero_shot = zero_shot_auc(vectors[test], text.positive_emb, text.negative_emb, y[test], m[test], names)
+    zero_shot, _ = _zero_shot_table(vectors[test], text, y[test], m[test], names)
     comparison = auc_difference_table(zero_shot, table, "zero-shot", "alignment head")
     return AlignmentResult(head=head, auc=out, comparison=comparison)
 

@@ -1,4 +1,11 @@
-"""Stage 4: every model's results for one dataset → charts, tables, a markdown summary, one HTML file."""
+"""Stage 4: every model's current results for one dataset → charts (PNG + SVG), tables, a markdown
+summary and one HTML file; and the UMAP maps of one model's embeddings.
+
+Only rows computed on the dataset's current split are compared (``store.provenance``); models with
+rows of an earlier split are named as needing a re-run. Every file name built from a dataset,
+model or level name goes through ``reports.files.inside``, so none lands outside the report folder,
+and every write failure (a full disk included) is a StorageError naming the file.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,20 +14,85 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nfhm_pipeline.reports.plots import (confusion_figure, knn_group_bars, probe_table, save_png, speed_bars,
-                                         zero_shot_table)
-from nfhm_pipeline.reports.summary import markdown_summary, rank_models
+from nfhm_pipeline.errors import StorageError
+from nfhm_pipeline.reports.files import ensure_dir, inside, safe_name
+from nfhm_pipeline.reports.plots import (confusion_figure, knn_group_bars, probe_table, retrieval_table, save_png,
+                                         speed_bars, zero_shot_table)
+from nfhm_pipeline.reports.summary import BASELINE_COLUMNS, class_baselines, markdown_summary
+from nfhm_pipeline.store import provenance, warehouse
 
 RULE_PAIRS = {"cosine": ("top1_cosine", "mean_cosine"), "euclidean": ("top1_euclidean", "mean_euclidean")}
+RULE_NAMES = {"cosine": "cosine rules", "euclidean": "Euclidean rules"}
+RETRIEVAL_NOTE = ("Candidates: image → text ranks one prompt-ensembled text per class (the level's class texts); "
+                  "text → image ranks the test images. P@k: share of the top k that are of the query's class; "
+                  "R@k: share of queries with at least one of their class in the top k.")
+MAPS_FOLDER = "maps"
+
+
+@dataclass
+class ReportInputs:
+    """What the comparison reads from the warehouse, current-split rows only."""
+    metrics: pd.DataFrame
+    runs: pd.DataFrame
+    predictions: pd.DataFrame  # k-NN top-1 cosine predictions on the whole dataset
+    stale_models: list[str] = field(default_factory=list)
+    baselines: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=BASELINE_COLUMNS))
+    split_summary: pd.DataFrame | None = None
+    rejected: pd.DataFrame | None = None
 
 
 @dataclass
 class ComparisonReport:
     summary_markdown: str
-    images: dict[str, Path] = field(default_factory=dict)
-    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
-    html: Path | None = None
+    images: dict[str, Path] = field(default_factory=dict)       # key (e.g. knn_cosine_species) → PNG
+    captions: dict[str, str] = field(default_factory=dict)      # key → caption in the HTML report
+    level_images: dict[str, list[str]] = field(default_factory=dict)  # level → its image keys
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)     # shown in the HTML report
+    table_notes: dict[str, str] = field(default_factory=dict)
     html_sections: dict[str, str] = field(default_factory=dict)
+    extra_tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # metadata only (shown as html_sections)
+    maps: dict[str, Path] = field(default_factory=dict)          # caption → UMAP grid PNG
+    stale_models: list[str] = field(default_factory=list)
+    html: Path | None = None
+
+
+def read_inputs(warehouse_path: str | Path, dataset: str) -> ReportInputs:
+    """The dataset's current-split results, embedding runs, class baselines of the split and the
+    split's facts (``split_summary`` and ``rejected_images``; tolerated when absent)."""
+    metrics = provenance.current_rows(warehouse_path, "metrics", dataset)
+    predictions = provenance.current_rows(warehouse_path, "predictions", dataset, task="knn", rule="top1_cosine",
+                                          grp="all")
+    labels = split_labels(warehouse_path, dataset)
+    return ReportInputs(
+        metrics=metrics, runs=warehouse.read_table(warehouse_path, "embedding_runs", dataset=dataset),
+        predictions=predictions, stale_models=provenance.stale_models(warehouse_path, dataset),
+        baselines=class_baselines(labels) if len(labels) else pd.DataFrame(columns=BASELINE_COLUMNS),
+        split_summary=_optional_table(warehouse_path, "split_summary", dataset),
+        rejected=_optional_table(warehouse_path, "rejected_images", dataset))
+
+
+def split_labels(warehouse_path: str | Path, dataset: str) -> pd.DataFrame:
+    """One row per (image of the current split, label level): image_id, split, grp, level, label."""
+    path = Path(warehouse_path)
+    if not path.exists() or not all(_has_table(path, t) for t in ("splits", "image_labels")):
+        return pd.DataFrame(columns=["image_id", "split", "grp", "level", "label"])
+    return warehouse.query(path, """
+        SELECT s.image_id, s.split, s.grp, l.level, l.label
+        FROM splits s JOIN image_labels l ON l.dataset = s.dataset AND l.image_id = s.image_id
+        WHERE s.dataset = ?""", [dataset])
+
+
+def _has_table(path: Path, table: str) -> bool:
+    frame = warehouse.query(path, "SELECT count(*) AS n FROM information_schema.tables WHERE table_name = ?", [table])
+    return bool(frame["n"].iloc[0])
+
+
+def _optional_table(path: str | Path, table: str, dataset: str) -> pd.DataFrame | None:
+    """The dataset's rows of ``table``, or None when the warehouse has no such table (older files)."""
+    path = Path(path)
+    if not path.exists() or not _has_table(path, table):
+        return None
+    return warehouse.query(path, f"SELECT * FROM {table} WHERE dataset = ?", [dataset])
 
 
 def best_model(metrics: pd.DataFrame, level: str) -> str | None:
@@ -33,52 +105,108 @@ def best_model(metrics: pd.DataFrame, level: str) -> str | None:
     return str(rows["model"].iloc[0])
 
 
-def build_comparison(dataset: str, levels, metrics: pd.DataFrame, runs: pd.DataFrame, predictions: pd.DataFrame,
-                     out_dir: Path) -> ComparisonReport:
+def report_folder(reports_root: str | Path, dataset: str) -> Path:
+    """``<reports_root>/<dataset>``, created; the dataset name made a safe folder name."""
+    return ensure_dir(inside(ensure_dir(reports_root), dataset))
+
+
+def map_path(maps_root: str | Path, model: str, level: str) -> Path:
+    """``<maps_root>/<model>/umap_<level>.png``: a folder per model, so (model ``rp``, level
+    ``genus_species``) and (``rp_genus``, ``species``) never share a file."""
+    return inside(maps_root, model, f"umap_{safe_name(level)}.png")
+
+
+def run_comparison(dataset: str, levels, warehouse_path: str | Path, reports_root: str | Path) -> ComparisonReport:
+    """The whole comparison stage: read the current results, write the report files, return them."""
+    inputs = read_inputs(warehouse_path, dataset)
+    if inputs.metrics.empty:
+        stale = (f"; the stored results of {', '.join(inputs.stale_models)} were computed on an earlier split: "
+                 "re-materialize their metric assets" if inputs.stale_models else
+                 ": materialize its metric assets first")
+        raise StorageError(f"no metrics for {dataset!r} on its current split{stale}")
+    return build_comparison(dataset, levels, inputs, report_folder(reports_root, dataset))
+
+
+def build_comparison(dataset: str, levels, inputs: ReportInputs, out_dir: Path) -> ComparisonReport:
+    """Charts, tables, summary and the HTML report for ``inputs`` in ``out_dir``."""
     from nfhm_pipeline.reports.html import write_html_report
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    report = ComparisonReport(summary_markdown=markdown_summary(metrics, runs, dataset))
+    metrics, baselines = inputs.metrics, inputs.baselines
+    out_dir = ensure_dir(out_dir)
+    report = ComparisonReport(
+        summary_markdown=markdown_summary(metrics, inputs.runs, dataset, baselines=baselines,
+                                          stale_models=inputs.stale_models, split_summary=inputs.split_summary,
+                                          rejected=inputs.rejected),
+        stale_models=list(inputs.stale_models))
+
+    def add_image(key: str, level: str | None, fig, file_name: str, caption: str) -> None:
+        report.images[key] = save_png(fig, inside(out_dir, file_name), svg=True)
+        report.captions[key] = caption
+        if level is not None:
+            report.level_images.setdefault(level, []).append(key)
+
     knn = metrics[metrics["task"] == "knn"]
+    predictions = inputs.predictions
     for level in levels:
         if knn[knn["level"] == level].empty:
             continue
+        slug = safe_name(level)
+        level_base = baselines[baselines["level"] == level]
         for name, pair in RULE_PAIRS.items():
-            fig = knn_group_bars(knn, level=level, rule_pair=pair)
-            report.images[f"knn_{name}_{level}"] = save_png(fig, out_dir / f"knn_{name}_{level}.png")
+            fig = knn_group_bars(knn, level=level, rule_pair=pair, baselines=level_base)
+            add_image(f"knn_{name}_{level}", level, fig, f"knn_{name}_{slug}.png",
+                      f"k-NN accuracy by group, {RULE_NAMES[name]} — {level}")
         model = best_model(metrics, level)
-        pred = predictions[(predictions["model"] == model) & (predictions["level"] == level)
-                           & (predictions["rule"] == "top1_cosine") & (predictions["grp"] == "all")
-                           & (predictions["task"] == "knn")]
+        pred = predictions[(predictions["model"] == model) & (predictions["level"] == level)]
         if len(pred):
-            labels = sorted(set(pred["true_label"]) | set(pred["predicted_label"]))
-            fig = confusion_figure(pred["true_label"].to_numpy(), pred["predicted_label"].to_numpy(), labels,
+            true, guess = pred["true_label"].astype(object), pred["predicted_label"].astype(object)
+            guess = guess.where(guess.notna(), "(no prediction)")
+            labels = sorted(set(true) | set(guess), key=str)
+            fig = confusion_figure(true.to_numpy(), guess.to_numpy(), labels,
                                    title=f"{dataset} — {level}: {model}, top-1 cosine (row %)")
-            report.images[f"confusion_{level}"] = save_png(fig, out_dir / f"confusion_{level}.png")
-            wrong = pred[pred["true_label"] != pred["predicted_label"]]
-            pairs = (wrong.groupby(["true_label", "predicted_label"]).size().rename("count").reset_index()
-                     .sort_values(["count", "true_label", "predicted_label"], ascending=[False, True, True]).head(10))
-            report.tables[f"most confused pairs — {level} ({model})"] = pairs
-    runs = runs[runs["dataset"] == dataset] if len(runs) else runs
+            add_image(f"confusion_{level}", level, fig, f"confusion_{slug}.png",
+                      f"confusion matrix of the best model ({model}, top-1 cosine) — {level}")
+            wrong = pred.assign(predicted_label=guess)[true != guess]
+            pairs = (wrong.groupby(["true_label", "predicted_label"]).size().rename("test images").reset_index()
+                     .sort_values(["test images", "true_label", "predicted_label"], ascending=[False, True, True])
+                     .head(10).rename(columns={"true_label": "true class", "predicted_label": "predicted as"}))
+            report.tables[f"most confused pairs — {level} ({model})"] = pairs.reset_index(drop=True)
+    runs = inputs.runs[inputs.runs["dataset"] == dataset] if len(inputs.runs) else inputs.runs
     if len(runs) and (runs["new"] > 0).any():
-        report.images["embedding_speed"] = save_png(speed_bars(runs, dataset=dataset), out_dir / "embedding_speed.png")
-    report.tables["ranking (top-1 cosine, all groups)"] = rank_models(metrics)
+        add_image("embedding_speed", None, speed_bars(runs, dataset=dataset), "embedding_speed.png",
+                  "embedding throughput")
     for task, title in (("linear_probe", "linear probe (LinearSVC, C = 100/N): CV accuracy mean ± std"),
                         ("logistic_probe", "logistic probe: CV accuracy mean ± std")):
-        if (metrics["task"] == task).any():
-            report.tables[title] = probe_table(metrics, task=task, metric="cv_accuracy").reset_index()
+        if ((metrics["task"] == task) & (metrics["metric"] == "cv_accuracy")).any():
+            report.tables[title] = probe_table(metrics, task=task, metric="cv_accuracy", baselines=baselines)
+            report.table_notes[title] = ("Mean ± std over the split's cross-validation folds of the training images. "
+                                         "Baselines are on the test split.")
     if (metrics["task"] == "zero_shot").any():
-        report.tables["zero-shot accuracy"] = zero_shot_table(metrics).reset_index()
+        report.tables["zero-shot accuracy"] = zero_shot_table(metrics, baselines=baselines)
+    if (metrics["task"] == "retrieval").any():
+        title = "image ↔ text retrieval (%)"
+        report.tables[title] = retrieval_table(metrics, baselines=baselines)
+        report.table_notes[title] = RETRIEVAL_NOTE
     add_auc_comparisons(report, metrics)
-    report.html = write_html_report(out_dir / f"{dataset}_report.html", dataset=dataset,
-                                    summary_markdown=report.summary_markdown, tables=report.tables,
-                                    images=report.images, html_sections=report.html_sections)
+    maps_root = out_dir / MAPS_FOLDER
+    for model in sorted(metrics["model"].astype(str).unique()):
+        for level in levels:
+            path = map_path(maps_root, model, level)
+            if path.exists():
+                report.maps[f"UMAP of {model} coloured by {level}"] = path
+    report.html = write_html_report(
+        inside(out_dir, f"{safe_name(dataset)}_report.html"), dataset=dataset,
+        summary_markdown=report.summary_markdown, tables=report.tables, table_notes=report.table_notes,
+        images={report.captions[k]: p for k, p in report.images.items()}, html_sections=report.html_sections,
+        image_sections={"Embedding maps (UMAP)": report.maps} if report.maps else None)
     return report
 
 
 def add_auc_comparisons(report: ComparisonReport, metrics: pd.DataFrame) -> None:
     """Seed 003's per-label AUC difference tables (green better / red worse beyond 0.5 points):
-    every model's probe against the first baseline, and each alignment head against zero-shot."""
+    every model's probe against the first baseline, and each alignment head against zero-shot.
+    Each is shown once in the HTML report (the coloured fragment); the plain table goes to the
+    metadata only."""
     from nfhm_pipeline.stages.multilabel import PROBE_TASK, auc_difference_report
 
     probe_models = sorted(metrics.loc[metrics["task"] == PROBE_TASK, "model"].unique())
@@ -86,15 +214,26 @@ def add_auc_comparisons(report: ComparisonReport, metrics: pd.DataFrame) -> None
         base = "raw-pixels" if "raw-pixels" in probe_models else probe_models[0]
         for other in (m for m in probe_models if m != base):
             table, fragment = auc_difference_report(metrics, base, other)
-            report.tables[f"probe AUC: {other} vs {base}"] = table
+            report.extra_tables[f"probe AUC: {other} vs {base}"] = table
             report.html_sections[f"probe AUC difference: {other} vs {base}"] = fragment
     for model in sorted(metrics.loc[metrics["task"] == "alignment_head", "model"].unique()):
         table, fragment = auc_difference_report(metrics, model, model, task="multilabel_zero_shot",
                                                 task_b="alignment_head")
-        report.tables[f"alignment head vs zero-shot AUC: {model}"] = table
+        report.extra_tables[f"alignment head vs zero-shot AUC: {model}"] = table
         report.html_sections[f"alignment head vs zero-shot AUC: {model}"] = fragment
 
 
 def label_arrays(manifest: pd.DataFrame, image_ids: np.ndarray, levels) -> dict[str, np.ndarray]:
     m = manifest.set_index("image_id")
     return {level: m.loc[image_ids, level].astype(str).to_numpy() for level in levels}
+
+
+def draw_maps(dataset: str, model: str, vectors: np.ndarray, labels: dict[str, np.ndarray], grid: dict, seed: int,
+              reports_root: str | Path) -> dict[str, Path]:
+    """The embedding-maps stage: one UMAP grid per level (PNG + SVG) at :func:`map_path`."""
+    from nfhm_pipeline.reports.maps import umap_grid
+
+    figures = umap_grid(vectors, labels, n_neighbors=grid["n_neighbors"], min_dist=grid["min_dist"],
+                        max_points=grid["max_points"], seed=seed, title_prefix=f"{dataset} — {model}")
+    maps_root = report_folder(reports_root, dataset) / MAPS_FOLDER
+    return {level: save_png(fig, map_path(maps_root, model, level), svg=True) for level, fig in figures.items()}
