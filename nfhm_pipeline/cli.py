@@ -274,8 +274,9 @@ _REFUSALS = (
 
 
 # Statement kinds that only read; anything else (COPY, EXPORT, ATTACH, INSTALL/LOAD, SET, CREATE, INSERT,
-# ...) is refused by name before it runs. SHOW, DESCRIBE, SUMMARIZE, FROM and VALUES parse as SELECT.
-_READING_STATEMENTS = {"SELECT", "EXPLAIN", "PRAGMA", "CALL"}
+# ...) is refused by name before it runs. SHOW, DESCRIBE, SUMMARIZE, FROM and VALUES parse as SELECT;
+# PIVOT parses as MULTI (a SELECT over the pivoted values), which the other two locks keep to reading.
+_READING_STATEMENTS = {"SELECT", "EXPLAIN", "PRAGMA", "CALL", "MULTI"}
 
 
 _REFUSALS_BY_KIND = (
@@ -312,7 +313,7 @@ def read_only_query(path: Path, sql: str):
         if refused:
             why = next((w for marker, w in _REFUSALS_BY_KIND if refused[0] in marker), None)
             raise UsageError(f"query failed: nfhm sql only reads; {refused[0]} statements are refused"
-                             + (f": {why}" if why else f" (it runs {', '.join(sorted(_READING_STATEMENTS))})"))
+                             + (f": {why}" if why else " (it runs SELECT, WITH, FROM, PIVOT, SHOW, DESCRIBE, SUMMARIZE, EXPLAIN, PRAGMA and CALL)"))
         try:
             root = warehouse._recorded_lake_root(con)
             if root and re.search(r"\bembeddings\b", sql, re.IGNORECASE):
@@ -410,8 +411,7 @@ def write_init_catalog(*, folder: str | None = None, csv: str | None = None, out
     out_path = Path(out_given).expanduser().absolute()
     if out_path.exists() and not force:
         raise UsageError(f"{out_path} exists already; choose another --out or add --force to overwrite it")
-    text = _catalog_text(name, entry, found, models_from, command=" ".join(["nfhm", "init", *sys.argv[2:]])
-                         if sys.argv[1:2] == ["init"] else "nfhm init")
+    text = _catalog_text(name, entry, found, models_from, out_path)
     _write_checked(out_path, text)
     models = (f"every model of {models_from}" if models_from
               else ", ".join(key for key, _, _ in DEFAULT_MODELS) + " (from demo)")
@@ -571,13 +571,13 @@ def _guess_levels(frame, columns: list[str], notes: list[str], hints: list[str])
     return levels
 
 
-def _catalog_text(name: str, entry: dict, found: dict, models_from: str | None, command: str) -> str:
+def _catalog_text(name: str, entry: dict, found: dict, models_from: str | None, out_path: Path) -> str:
     import datetime as dt
 
     from nfhm_pipeline.catalog import load_catalog
 
-    lines = [f"# Written by `{command}` on {dt.date.today().isoformat()}; edit freely.",
-             "# Run it:  NFHM_CATALOG=<this file> nfhm demo     then: nfhm results",
+    lines = [f"# Written by `nfhm init` on {dt.date.today().isoformat()}; edit freely.",
+             f"# Run it:  NFHM_CATALOG={out_path} nfhm demo     then: nfhm results",
              "# Fields: see README 'Your own images' (taxonomy, delimiter, split.group_by, ...).",
              "datasets:", f"  {name}:",
              f"    description: {_yaml_str('from ' + found['source'])}"]

@@ -376,6 +376,15 @@ def test_sql_refuses_every_statement_that_writes_or_reaches_outside(in_data_dir,
         assert con.execute("SELECT count(*) FROM t").fetchone()[0] == 0
 
 
+def test_every_readme_query_runs_through_nfhm_sql(in_data_dir, capsys):
+    import re
+
+    queries = re.findall(r"```sql\n(.*?)```", (REPO_ROOT / "README.md").read_text(encoding="utf-8"), re.S)
+    assert len(queries) >= 10
+    for sql in queries:  # PIVOT included: DuckDB parses it as a MULTI statement
+        assert nfhm(["sql", "--csv", sql]) == 0, (sql, capsys.readouterr().err)
+
+
 def test_sql_csv_export_is_the_way_to_keep_a_result(in_data_dir, capsys):
     assert nfhm(["sql", "--csv", "SELECT DISTINCT model FROM metrics ORDER BY model"]) == 0
     assert capsys.readouterr().out.splitlines() == ["model", "raw-pixels", "tiny-clip"]
@@ -399,7 +408,7 @@ print("opened", flush=True)
 
 
 def test_instances_created_at_once_on_a_fresh_dagster_home_all_open(tmp_path):
-    home, barrier, n = tmp_path / "fresh_home", tmp_path / "barrier", 4
+    home, barrier, n = tmp_path / "fresh_home", tmp_path / "barrier", 6  # 6 at once fail without the lock
     barrier.mkdir()
     env = cli_env(tmp_path / "data", home)
     procs = [subprocess.Popen([sys.executable, "-c", OPEN_INSTANCE_TOGETHER, str(barrier), str(i), str(n)], env=env,

@@ -123,6 +123,27 @@ def test_file_rewritten_after_the_manifest_fails_embedding_clearly_and_stores_no
     assert np.array_equal(vector, np.asarray(fresh, dtype=np.float32)[0])
 
 
+def test_a_rewritten_file_met_by_a_loader_worker_gives_the_plain_sentence(tmp_path):
+    # GPU runs decode in DataLoader worker processes; the error must still be our sentence, without
+    # the worker's traceback pasted into it.
+    from nfhm_pipeline.errors import ManifestError
+    from nfhm_pipeline.stages.embedding import EmbedSettings, PixelCache, embed_manifest
+
+    paths = [random_png(tmp_path / "img" / f"{i}.png", seed=i) for i in range(8)]
+    frame = pd.DataFrame({"uri": [str(p) for p in paths], "species": ["x"] * 8})
+    manifest, _ = validate_images(frame, ["species"])
+    random_png(paths[5], seed=50)
+    embedder = load_embedder({"id": "raw", "loader": "raw_pixels", "image_size": 8})
+    settings = EmbedSettings(batch_size=2, num_workers=2, chunk_size=8)
+    cache = PixelCache(tmp_path / "cache" / "pixels")
+    with pytest.raises(ManifestError) as caught:
+        embed_manifest(EmbeddingStore(tmp_path / "lake"), "inbox", "raw", manifest, embedder, cache, settings)
+    message = str(caught.value)
+    assert message.startswith(f"cannot load image {paths[5]}: it changed after the manifest")
+    assert "Traceback" not in message and "worker" not in message
+    assert files_holding(tmp_path, manifest["image_id"][5]) == []
+
+
 def test_every_image_embedded_compares_ids_not_counts():
     # Same count and no manifest id missing, but a stranger stored in place of a repeated id: the old
     # count-based check ("missing == 0 and len(stored) == len(manifest)") passed this.

@@ -42,6 +42,8 @@ def manifest_asset(spec: DatasetSpec) -> dg.AssetsDefinition:
                 SOURCE_FINGERPRINT_KEY: source_fingerprint(spec),  # what the sensor compares on its first tick
                 "rejected": len(build.rejected),
                 "rejected_by_reason": build.rejected["reason"].value_counts().to_dict(),
+                # distinct files read and decoded: rows listing a file again reuse its outcome
+                "files_read": int(m.attrs.get("files_read", len(m))),
                 "classes_per_level": build.classes_per_level(spec.labels),
                 "preview": markdown_table(m.drop(columns=["image_id"]).assign(image_id=m["image_id"].str[:12]), 5),
             },

@@ -299,7 +299,8 @@ def load_verified_rgb(uri: str | os.PathLike, image_id: str, *, dataset: str | N
     if actual != image_id:
         asset = f"{dataset}/image_manifest" if dataset else "the dataset's image_manifest"
         raise ManifestError(
-            f"image {uri} changed after the manifest was built: its bytes now hash to {actual[:12]}…, the "
-            f"manifest lists image_id {image_id[:12]}…. Nothing was embedded or cached for it. Re-materialize "
-            f"{asset} (the new content gets its own image_id), then embed again; or restore the file.")
+            f"cannot load image {uri}: it changed after the manifest was built (its bytes now hash to "
+            f"{actual[:12]}…, the manifest lists image_id {image_id[:12]}…), so nothing was embedded or cached "
+            f"for it. Re-run image validation: re-materialize {asset} (the new content gets its own "
+            "image_id), then embed again; or restore the file.")
     return _decode_rgb(data, uri)

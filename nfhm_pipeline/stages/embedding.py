@@ -61,7 +61,11 @@ class PixelCache:
 
 
 class _PixelDataset:
-    """Map-style dataset for torch's DataLoader: position → (position, uint8 tensor)."""
+    """Map-style dataset for torch's DataLoader: position → (position, uint8 tensor, error message).
+
+    A file that cannot be used gives its ManifestError's message (and zero pixels) instead of
+    raising: raised in a loader worker process, torch would re-raise it with the worker's traceback
+    pasted into the message; the main process raises it as it was (see `make_batches`)."""
 
     def __init__(self, image_ids, uris, positions, preprocess, cache: PixelCache, dataset: str | None = None):
         self.image_ids, self.uris, self.positions = image_ids, uris, list(positions)
@@ -79,9 +83,16 @@ class _PixelDataset:
     def __getitem__(self, i):
         import torch
 
+        from nfhm_pipeline.errors import ManifestError
+
         pos = self.positions[i]
-        pixels = self.cache.load_or_decode(self.preprocess.pixel_key, self.image_ids[pos], self.uris[pos], self._decode)
-        return pos, torch.from_numpy(np.ascontiguousarray(pixels))
+        try:
+            pixels = self.cache.load_or_decode(self.preprocess.pixel_key, self.image_ids[pos], self.uris[pos],
+                                               self._decode)
+        except ManifestError as e:
+            size = self.preprocess.size
+            return pos, torch.zeros((3, size, size), dtype=torch.uint8), str(e)
+        return pos, torch.from_numpy(np.ascontiguousarray(pixels)), ""
 
 
 @dataclass
@@ -99,6 +110,8 @@ def make_batches(embedder, image_ids: Sequence[str], uris: Sequence[str], pixel_
     import torch
     from torch.utils.data import DataLoader
 
+    from nfhm_pipeline.errors import ManifestError
+
     batches_done = 0
 
     def embed_chunk(positions):
@@ -107,7 +120,11 @@ def make_batches(embedder, image_ids: Sequence[str], uris: Sequence[str], pixel_
         workers = min(settings.num_workers, max(0, len(pixels_of) // settings.batch_size))
         loader = DataLoader(pixels_of, batch_size=settings.batch_size, shuffle=False, num_workers=workers,
                             pin_memory=settings.device == "cuda", persistent_workers=False)
-        for pos, pixels in loader:
+        for pos, pixels, errors in loader:
+            failed = [message for message in errors if message]
+            if failed:  # before the forward pass: nothing of this batch is embedded or checkpointed
+                raise ManifestError(failed[0] + (f" ({len(failed) - 1} more such image(s) in the same batch)"
+                                                 if len(failed) > 1 else ""))
             vectors = embedder.embed_uint8(pixels)
             if isinstance(vectors, torch.Tensor):
                 vectors = vectors.detach().float().cpu().numpy()
