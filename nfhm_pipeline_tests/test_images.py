@@ -8,7 +8,7 @@ from PIL import Image, ImageFile
 
 from nfhm_pipeline.errors import ManifestError
 from nfhm_pipeline.ingest import SUPPORTED_MODES, load_rgb, to_rgb, validate_images
-from nfhm_pipeline.ingest.images import MAX_ASPECT_RATIO, dhash64, load_verified_rgb
+from nfhm_pipeline.ingest.images import MAX_ASPECT_RATIO, dhash, load_verified_rgb
 
 
 def save_image(path, mode="RGB", size=(12, 10), fmt=None, color=None, seed=0):
@@ -207,14 +207,14 @@ def test_phash_column_is_the_dhash_of_the_decoded_image(tmp_path):
     smooth_image(1).save(path)
     manifest, _ = validate([path])
     with Image.open(path) as im:
-        assert manifest.phash[0] == dhash64(im)
-    assert len(manifest.phash[0]) == 16 and int(manifest.phash[0], 16) >= 0
+        assert manifest.phash[0] == dhash(im)
+    assert len(manifest.phash[0]) == 64 and int(manifest.phash[0], 16) >= 0
 
 
-def test_dhash64_is_the_standard_difference_hash():
-    grey = np.asarray(smooth_image(2).convert("L").resize((9, 8), Image.Resampling.BILINEAR), dtype=int)
-    bits = "".join("1" if grey[r, c + 1] > grey[r, c] else "0" for r in range(8) for c in range(8))
-    assert dhash64(smooth_image(2)) == f"{int(bits, 2):016x}"
+def test_dhash_is_the_standard_difference_hash():
+    grey = np.asarray(smooth_image(2).convert("L").resize((17, 16), Image.Resampling.BILINEAR), dtype=int)
+    bits = "".join("1" if grey[r, c + 1] > grey[r, c] else "0" for r in range(16) for c in range(16))
+    assert dhash(smooth_image(2)) == f"{int(bits, 2):064x}"
 
 
 def test_resized_reencoded_copy_has_a_near_phash_and_another_image_does_not(tmp_path):
@@ -235,7 +235,7 @@ def test_phash_of_16bit_and_transparent_images_hashes_what_models_see(tmp_path):
     rgba.save(tmp_path / "t.png")
     manifest, rejected = validate([tmp_path / "g16.png", tmp_path / "t.png"])
     assert rejected.empty
-    assert list(manifest.phash) == [dhash64(load_rgb(tmp_path / "g16.png")), dhash64(load_rgb(tmp_path / "t.png"))]
+    assert list(manifest.phash) == [dhash(load_rgb(tmp_path / "g16.png")), dhash(load_rgb(tmp_path / "t.png"))]
 
 
 # ---- load_rgb -------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from nfhm_pipeline.definitions import build_definitions
 from nfhm_pipeline.errors import EvaluationError
 from nfhm_pipeline.evaluation import near_duplicates as nd
 from nfhm_pipeline.evaluation.splits import leakage_warnings, make_split
-from nfhm_pipeline.ingest.images import dhash64
+from nfhm_pipeline.ingest.images import dhash
 from nfhm_pipeline.store import warehouse
 
 
@@ -148,12 +148,12 @@ def write_scans(root: Path, n_patients: int = 24, per_patient: int = 3, copies: 
 
 
 def manifest_of(root: Path, table: pd.DataFrame) -> pd.DataFrame:
-    """The manifest columns the splits asset reads, with ``phash`` computed by ingest's dhash64."""
+    """The manifest columns the splits asset reads, with ``phash`` computed by ingest's dhash."""
     phash = []
     for name in table["file"]:
         with Image.open(root / name) as im:
             im.load()
-            phash.append(dhash64(im))
+            phash.append(dhash(im))
     return pd.DataFrame({"image_id": table["file"], "uri": [str(root / f) for f in table["file"]],
                          "label": table["label"], "group": None, "split_group": table["patient"],
                          "official_split": None, "phash": phash})
@@ -284,7 +284,7 @@ def clips_catalog(tmp_path: Path) -> Path:
 
 
 def ensure_phash(data: Path, dataset: str) -> None:
-    """Add ``phash`` (ingest's dhash64 of each file) to a manifest written before ingest stored it."""
+    """Add ``phash`` (ingest's dhash of each file) to a manifest written before ingest stored it."""
     path = data / "manifests" / f"{dataset}.parquet"
     manifest = pd.read_parquet(path)
     if "phash" not in manifest:
@@ -292,7 +292,7 @@ def ensure_phash(data: Path, dataset: str) -> None:
         for uri in manifest["uri"]:
             with Image.open(uri) as im:
                 im.load()
-                hashes.append(dhash64(im))
+                hashes.append(dhash(im))
         manifest.assign(phash=hashes).to_parquet(path, index=False)
 
 
@@ -350,7 +350,7 @@ def test_materialized_splits_record_split_id_summary_leakage_and_near_duplicates
 # --- item 5 on real data: the brain MRI test set --------------------------------------------------
 
 def dhash_bits(image: Image.Image, side: int) -> str:
-    """dHash of ingest's algorithm on a side x side grid (side 8: dhash64; 16: 256 bits)."""
+    """dHash of ingest's algorithm on a side x side grid (16: ingest's 256 bits; 8: the 64-bit variant)."""
     grey = np.asarray(image.convert("L").resize((side + 1, side), Image.Resampling.BILINEAR), dtype=np.int16)
     bits = (grey[:, 1:] > grey[:, :-1]).ravel()
     return f"{int(''.join('1' if b else '0' for b in bits), 2):0{side * side // 4}x}"
@@ -365,10 +365,10 @@ def test_near_duplicates_on_the_brain_mri_test_set(shared_data, record_property)
     for path in files:
         with Image.open(path) as im:
             im.load()
-            h64.append(dhash64(im))
-            h256.append(dhash_bits(im, 16))
+            h64.append(dhash(im, side=8))
+            h256.append(dhash(im))
             pixels.append(np.asarray(im.convert("L").resize((32, 32), Image.Resampling.BILINEAR), np.float32).ravel())
-    assert [dhash_bits(Image.open(f), 8) for f in files[:20]] == h64[:20]  # same algorithm as ingest's
+    assert [dhash_bits(Image.open(f), 16) for f in files[:20]] == h256[:20]  # same algorithm as ingest's
     pixels = np.stack(pixels)
     pixels -= pixels.mean(axis=1, keepdims=True)
     pixels /= np.linalg.norm(pixels, axis=1, keepdims=True) + 1e-9
@@ -394,7 +394,7 @@ def test_near_duplicates_on_the_brain_mri_test_set(shared_data, record_property)
     for index in rng.choice(len(files), 30, replace=False):
         with Image.open(files[index]) as im:
             copy = reencoded_copy(im.convert("RGB"), scale=float(rng.choice([0.75, 1.25, 2.0])), quality=85)
-        misses[64] += bin(int(dhash64(copy), 16) ^ int(h64[index], 16)).count("1") > distance
+        misses[64] += bin(int(dhash(copy, side=8), 16) ^ int(h64[index], 16)).count("1") > distance
         misses[256] += bin(int(dhash_bits(copy, 16), 16) ^ int(h256[index], 16)).count("1") > distance
     record_property("copies_missed", misses)
     assert misses[64] <= 1 and misses[256] <= 6, misses
