@@ -436,7 +436,7 @@ def test_automation_sensor_is_declared_running(tmp_path):
 
 # -- a run with no changes -----------------------------------------------------------------------
 
-def test_rerun_without_changes_embeds_nothing_and_takes_less_time(tmp_path):
+def test_rerun_without_changes_embeds_nothing(tmp_path):
     defs = defs_for(write_catalog(tmp_path), tmp_path / "data")
     db = tmp_path / "data" / "warehouse.duckdb"
     with dg.instance_for_test() as instance:
@@ -451,8 +451,8 @@ def test_rerun_without_changes_embeds_nothing_and_takes_less_time(tmp_path):
     assert (first["new"], first["reused"]) == (54, 0)
     assert (second["images"], second["new"], second["reused"], second["removed"], second["resumed"]) == (54, 0, 54, 0, 0)
     assert list(runs["seconds"]) == pytest.approx(seconds)
+    # How much faster the no-op rerun is belongs in a benchmark, not here (a loaded CI machine flakes it).
     print(f"\nembedding run seconds: first {seconds[0]:.3f} s (54 new), unchanged rerun {seconds[1]:.3f} s (0 new)")
-    assert seconds[1] < seconds[0]
 
 
 # -- partitions in parallel ----------------------------------------------------------------------
