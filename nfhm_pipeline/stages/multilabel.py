@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from nfhm_pipeline.catalog import DatasetSpec
+from nfhm_pipeline.catalog import RESERVED_COLUMNS, DatasetSpec
 from nfhm_pipeline.errors import CatalogError, EvaluationError, ManifestError
 from nfhm_pipeline.stages.evaluation import ALL, ZERO_VECTOR, EvalTables, zero_vectors
 
@@ -36,8 +36,6 @@ MISSING_POLICY = "negative"  # CheXpert: a finding the report does not mention i
 NO_POSITIVE_STRATUM = "none"
 RARE_STRATUM = "other"
 _FINDING_VALUES = {"1": 1.0, "0": 0.0, "-1": -1.0}
-_RESERVED_COLUMNS = {"image_id", "uri", "width", "height", "mode", "group", "official_split", "source_row",
-                     "reject_reason", "split", "fold"}
 
 
 # --- manifest side: CheXpert CSV → candidates ----------------------------------------------------
@@ -61,7 +59,7 @@ def finding_columns(spec: DatasetSpec) -> list[str]:
         raise CatalogError(f"{where} must be a non-empty list of CSV column names, got {findings!r}")
     if len(set(findings)) != len(findings):
         raise CatalogError(f"{where} lists a column twice: {findings}")
-    clash = sorted(set(findings) & (_RESERVED_COLUMNS | set(spec.labels)))
+    clash = sorted(set(findings) & (RESERVED_COLUMNS | set(spec.labels)))
     if clash:
         raise CatalogError(f"{where} uses reserved manifest column name(s) {clash}; rename the CSV column(s) "
                            f"or the dataset's 'labels' entry")
