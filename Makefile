@@ -7,10 +7,11 @@ export DAGSTER_HOME := $(CURDIR)/dagster_home
 
 .PHONY: install demo test ui browser clean
 
-$(STAMP): pyproject.toml
+# Re-installs when pyproject.toml (the lower bounds) or constraints.txt (the tested versions) changes.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

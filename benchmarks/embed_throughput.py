@@ -83,7 +83,7 @@ def main() -> None:
 
     import torch
 
-    from nfhm_pipeline.stages.embedding import EmbedSettings, PixelCache, embed_manifest
+    from nfhm_pipeline.embedders.runtime import EmbedSettings, PixelCache, embed_manifest
     from nfhm_pipeline.store.embedding_store import EmbeddingStore
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")

@@ -15,194 +15,23 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import stat
 import time
-import zlib
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
-
 import dagster as dg
 
-from nfhm_pipeline.catalog import Catalog, DatasetSpec
+from nfhm_pipeline.catalog import Catalog
+from nfhm_pipeline.ingest.fingerprint import (  # noqa: F401  (re-exported: the sensor's vocabulary)
+    SOURCE_FINGERPRINT_KEY, STAT_SAMPLE_LIMIT, FingerprintTimeout, SourceFingerprint, fingerprint_source,
+    source_fingerprint,
+)
 
 EMBEDDING_STAGES = ("image_embeddings", "text_embeddings")
 DEFAULT_REEMBED_CRON = "0 2 * * *"
 
-# The manifest asset records its source's fingerprint under this metadata key (see the sensor).
-SOURCE_FINGERPRINT_KEY = "source_fingerprint"
-# Changing what goes into a fingerprint changes every digest once; the version says so.
-_FINGERPRINT_RECIPE = "nfhm-source-fingerprint-v2"
-
-
-def _vlm4bio_path_column(header: list[str], params: dict) -> str | None:
-    return next((c for c in ("fileNameAsDelivered", "fileName") if c in header), None)
-
-
-# Readers whose source lists image files (the files listed are part of the source): how to find
-# the column that lists them. Every reader of the catalog is here or in _SELF_CONTAINED_READERS;
-# a test keeps the two complete, so a new reader cannot be forgotten silently.
-_LISTING_READERS: dict[str, Callable[[list[str], dict], str | None]] = {
-    "label_csv": lambda header, params: params.get("path_column"),
-    "vlm4bio_csv": _vlm4bio_path_column,
-    "chexpert_csv": lambda header, params: params.get("path_column", "Path"),
-}
-# Readers whose source lists no file: a folder (walked), an .npz, or generated images.
-_SELF_CONTAINED_READERS = ("image_folder", "medmnist_npz", "demo_shapes", "sklearn_digits")
-# Catalog fields naming a source file whose bytes are part of the source.
-_SOURCE_FILE_FIELDS = ("csv", "npz", "taxonomy")
-# Source files up to this size are hashed (streamed); bigger ones by size and mtime only.
-_HASH_LIMIT_BYTES = 64 * 2**20
-# At most this many image files are stat'ed per dataset. Above it, a fixed sample (chosen by a
-# hash of the name, the same on every tick) plus the mtimes of the folders they sit in: an image
-# added, removed or renamed changes its folder; one rewritten in place is seen when sampled.
-STAT_SAMPLE_LIMIT = 50_000
-_CSV_CHUNK_ROWS = 200_000
 # Dagster stops a sensor tick after 60 s: the whole tick stays well under it, one dataset under less.
 DATASET_BUDGET_S = 20.0
 TICK_BUDGET_S = 45.0
-
-
-class FingerprintTimeout(Exception):
-    """A dataset's fingerprint ran past its time budget (a huge or slow source); retried next tick."""
-
-
-@dataclass(frozen=True)
-class SourceFingerprint:
-    digest: str
-    listed_rows: int  # rows of the listing read (CSV data rows, or files found in a folder)
-    files_stated: int  # image files stat'ed: at most STAT_SAMPLE_LIMIT
-    sampled: bool  # True when more files were listed than stat'ed
-
-
-def _file_state(path: str | os.PathLike) -> str:
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the name
-        return f"{path}:unreadable:{getattr(exc, 'strerror', None) or type(exc).__name__}"
-    return f"{path}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def _check(deadline: float | None, what: str) -> None:
-    if deadline is not None and time.monotonic() > deadline:
-        raise FingerprintTimeout(f"fingerprinting {what} ran past its time budget")
-
-
-def _hash_file(h, path: str, deadline: float | None) -> None:
-    """Size and mtime of ``path``, and its bytes when it is a regular file under the hash limit."""
-    h.update(_file_state(path).encode())
-    try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > _HASH_LIMIT_BYTES:
-            return
-        with open(path, "rb") as handle:
-            while block := handle.read(2**20):
-                h.update(block)
-                _check(deadline, path)
-    except (OSError, ValueError):
-        pass  # the state above already says it is unreadable
-
-
-def _listed_names(spec: DatasetSpec, deadline: float | None) -> tuple[Path, list[str], int, bool]:
-    """(root the names are relative to, a sample of at most STAT_SAMPLE_LIMIT distinct listed names,
-    rows read, whether names were left out of the sample). Reads only the path column, in chunks."""
-    import csv
-
-    import pandas as pd
-
-    from nfhm_pipeline.catalog import CSV_DELIMITERS
-
-    csv_path = Path(spec.params["csv"]).absolute()
-    sep = CSV_DELIMITERS.get(spec.params.get("delimiter") or ",", ",")
-    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-        header = [c.strip() for c in next(csv.reader(handle, delimiter=sep), [])]
-    column = _LISTING_READERS[spec.reader](header, spec.params)
-    if column is None or column not in header:
-        raise KeyError(f"no path column {column!r}")
-    position = header.index(column)
-    root = Path(os.path.abspath(spec.params.get("image_root") or csv_path.parent))
-    # The names whose hash is smallest: a bounded sample that is the same on every tick.
-    kept = pd.Series([], dtype=object)
-    rows, truncated = 0, False
-    for chunk in pd.read_csv(csv_path, usecols=[position], dtype=str, keep_default_na=False, sep=sep,
-                             encoding="utf-8-sig", chunksize=_CSV_CHUNK_ROWS):
-        _check(deadline, str(csv_path))
-        rows += len(chunk)
-        names = chunk.iloc[:, 0].str.strip()
-        names = pd.concat([kept, names[names != ""]]).drop_duplicates()
-        names.index = pd.util.hash_pandas_object(names, index=False).to_numpy()
-        if len(names) > STAT_SAMPLE_LIMIT:
-            truncated = True
-            names = names.sort_index(kind="stable").iloc[:STAT_SAMPLE_LIMIT]
-        kept = names
-    return root, sorted(kept.tolist()), rows, truncated
-
-
-def _stat_sample(h, paths: list[str], truncated: bool, deadline: float | None, what: str) -> None:
-    for i, path in enumerate(paths):
-        if i % 1024 == 0:
-            _check(deadline, what)
-        h.update(_file_state(path).encode())
-    if truncated:
-        for folder in sorted({os.path.dirname(p) for p in paths}):
-            h.update(_file_state(folder).encode())
-
-
-def fingerprint_source(spec: DatasetSpec, *, deadline: float | None = None) -> SourceFingerprint:
-    """A digest that changes when a dataset's source changes, cheap enough for every sensor tick.
-
-    Covers the catalog entry (reader + parameters), the bytes of its CSV, taxonomy CSV or .npz
-    (size and mtime only above 64 MiB), and name, size and mtime of the image files it lists (CSV
-    readers: only the path column is read) or contains (image_folder: every name, sizes and mtimes
-    of a bounded sample). Generated demo sources have no outside input: their fingerprint is their
-    parameters. A missing or unreadable source is part of the digest, never an error, so the run
-    requested reports the problem and fixing it fires the sensor again. ``deadline``
-    (``time.monotonic()``): raise :class:`FingerprintTimeout` once past it.
-    """
-    h = hashlib.sha256(json.dumps([_FINGERPRINT_RECIPE, spec.reader, spec.params], sort_keys=True,
-                                  default=str).encode())
-    for key in _SOURCE_FILE_FIELDS:
-        if spec.params.get(key):
-            _hash_file(h, str(spec.params[key]), deadline)
-    listed_rows, stated, truncated = 0, 0, False
-    if spec.reader in _LISTING_READERS:
-        import pandas as pd
-
-        try:
-            root, names, listed_rows, truncated = _listed_names(spec, deadline)
-        except FingerprintTimeout:
-            raise
-        except (OSError, ValueError, KeyError, UnicodeDecodeError, pd.errors.ParserError,
-                pd.errors.EmptyDataError, StopIteration) as exc:
-            h.update(f"unlisted:{type(exc).__name__}".encode())
-        else:
-            paths = [os.path.normpath(n if os.path.isabs(n) else os.path.join(root, n)) for n in names]
-            _stat_sample(h, paths, truncated, deadline, spec.name)
-            stated = len(paths)
-    root = spec.params.get("root")
-    if spec.reader == "image_folder" and root and Path(root).is_dir():
-        files = []
-        for dirpath, dirnames, filenames in os.walk(root):
-            _check(deadline, str(root))
-            dirnames.sort()
-            for name in sorted(filenames):
-                files.append(os.path.join(dirpath, name))
-        h.update("\n".join(files).encode())  # every name: an added or removed file always counts
-        listed_rows = len(files)
-        if len(files) > STAT_SAMPLE_LIMIT:
-            truncated = True
-            files = sorted(sorted(files, key=lambda f: zlib.crc32(f.encode()))[:STAT_SAMPLE_LIMIT])
-        _stat_sample(h, files, truncated, deadline, spec.name)
-        stated = len(files)
-    return SourceFingerprint(h.hexdigest(), listed_rows, stated, truncated)
-
-
-def source_fingerprint(spec: DatasetSpec) -> str:
-    """The digest of :func:`fingerprint_source`, without a time limit (what the manifest records)."""
-    return fingerprint_source(spec).digest
 
 
 def build_reembed_schedule(catalog: Catalog, dataset: str, cron: str) -> dg.ScheduleDefinition:

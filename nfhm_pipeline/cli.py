@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from nfhm_pipeline.errors import CatalogError, NfhmError, StorageError
+from nfhm_pipeline.evaluation import names  # light: plain strings, no numpy
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # the shell's code for a command stopped by SIGINT
@@ -119,15 +120,15 @@ def cmd_demo(args) -> int:
 
 # (task, metric, column heading): the table's columns, in order. Fractions are shown as percentages.
 RESULT_COLUMNS = (
-    ("knn", "top1_cosine", "kNN top-1 cos"),
-    ("knn", "mean_cosine", "kNN mean cos"),
-    ("knn", "top1_euclidean", "kNN top-1 euc"),
-    ("knn", "mean_euclidean", "kNN mean euc"),
-    ("knn", "macro_f1_top1_cosine", "kNN F1"),
-    ("linear_probe", "cv_accuracy", "SVC CV acc ± std"),
-    ("linear_probe", "test_accuracy", "SVC test acc"),
-    ("linear_probe", "test_macro_f1", "SVC test F1"),
-    ("zero_shot", "top1_ensemble", "zero-shot top-1"),
+    (names.KNN, names.TOP1_COSINE, "kNN top-1 cos"),
+    (names.KNN, names.MEAN_COSINE, "kNN mean cos"),
+    (names.KNN, names.TOP1_EUCLIDEAN, "kNN top-1 euc"),
+    (names.KNN, names.MEAN_EUCLIDEAN, "kNN mean euc"),
+    (names.KNN, names.knn_metric(names.TOP1_COSINE, "macro_f1"), "kNN F1"),
+    (names.LINEAR_PROBE, names.CV_ACCURACY, "SVC CV acc ± std"),
+    (names.LINEAR_PROBE, names.TEST_ACCURACY, "SVC test acc"),
+    (names.LINEAR_PROBE, names.TEST_MACRO_F1, "SVC test F1"),
+    (names.ZERO_SHOT, names.TOP1_ENSEMBLE, "zero-shot top-1"),
 )
 COLUMN_NOTES = ("kNN: nearest neighbours among the train images (top-1 / per-class mean rule, cosine / "
                 "Euclidean); F1 = macro F1 of kNN top-1 cos. SVC: linear probe, CV on train (mean ± std "
@@ -619,21 +620,17 @@ def _catalog_text(name: str, entry: dict, found: dict, models_from: str | None, 
 def _write_checked(out_path: Path, text: str) -> None:
     """Write the catalog atomically, after checking that it loads (a bad one is never left behind)."""
     from nfhm_pipeline.catalog import load_catalog
+    from nfhm_pipeline.store.files import atomic_path
 
     try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_path.with_name(f".{out_path.stem}.{os.getpid()}.tmp.yaml")
-        tmp.write_text(text, encoding="utf-8")
-    except OSError as exc:
-        raise StorageError(f"cannot write {out_path}: {exc.strerror}; choose another --out") from None
-    try:
-        load_catalog(tmp)
-        os.replace(tmp, out_path)
+        # the temp file ends in .yaml: load_catalog reads it as a catalog file
+        with atomic_path(out_path, suffix=".yaml", hint="choose another --out") as tmp:
+            tmp.write_text(text, encoding="utf-8")
+            load_catalog(tmp)
+    except StorageError:
+        raise
     except NfhmError as exc:
         raise CatalogError(f"the catalog written for you does not load: {exc}") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 def cmd_init(args) -> int:

@@ -12,6 +12,7 @@ from typing import Literal
 import dagster as dg
 
 from nfhm_pipeline.errors import SettingsError, StorageError
+from nfhm_pipeline.stages.base import Device, Paths
 from nfhm_pipeline.store.embedding_store import EmbeddingStore
 
 
@@ -50,9 +51,11 @@ class NfhmStorage(dg.ConfigurableResource):
         return self.data_path / "warehouse.duckdb"
 
     def subdir(self, *parts: str) -> Path:
-        path = self.data_path.joinpath(*parts)
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        return self.paths().subdir(*parts)
+
+    def paths(self) -> Paths:
+        """The plain folders a stage is handed (the data folder checked writable first)."""
+        return Paths(self.data_path, self.lake_root)
 
 
 class TorchDevice(dg.ConfigurableResource):
@@ -79,6 +82,13 @@ class TorchDevice(dg.ConfigurableResource):
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return "mps"
         return "cpu"
+
+    def settings(self, resolve: bool = True) -> Device:
+        """What a stage is handed: the resolved device (``resolve=False``: 'cpu' without importing
+        torch, for stages that never touch it) and the batching settings."""
+        return Device(name=self.resolve() if resolve else "cpu", precision=self.precision,
+                      batch_size=self.batch_size, num_workers=self.num_workers,
+                      checkpoint_images=self.checkpoint_images)
 
 
 def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:

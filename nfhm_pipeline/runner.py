@@ -132,7 +132,7 @@ def _run_plan(plan, assets, resources, instance, outcome: CatalogRun, interrupte
             # Every partitioned stage of the dataset in stage order (or those of the chosen analysis).
             keys = sorted({k for a in assets if a.partitions_def is not None for k in a.keys
                            if k.path[0] == ds and (not stages or k.path[-1] in stages)},
-                          key=lambda k: _STAGE_ORDER.get(k.path[-1], 99))
+                          key=lambda k: _stage_order().get(k.path[-1], 99))
         else:
             keys = [dg.AssetKey([ds, s]) for s in stages]
         keys = [k for k in keys if k in by_key]
@@ -196,8 +196,10 @@ def _interrupt_watch() -> Iterator[Callable[[], bool]]:
         os.close(write_fd)
 
 
-_STAGE_ORDER = {"image_embeddings": 0, "text_embeddings": 1, "knn_metrics": 2, "linear_probe_metrics": 3,
-                "zero_shot_metrics": 4, "multilabel_metrics": 5, "alignment_head": 6, "embedding_maps": 7}
+def _stage_order() -> dict[str, int]:
+    from nfhm_pipeline.assets import STAGES
+
+    return {stage.name: i for i, stage in enumerate(STAGES)}
 
 
 def _was_interrupted(result) -> bool:

@@ -20,11 +20,13 @@ import yaml
 from PIL import Image
 
 from conftest import local_resources
-from nfhm_pipeline import automation
+from helpers import SPECIMENS_DATASET, write_leaves_catalog
+from helpers import write_leaves as shared_write_leaves
+from nfhm_pipeline.ingest import fingerprint
 from nfhm_pipeline.automation import (
     DEFAULT_REEMBED_CRON, SOURCE_FINGERPRINT_KEY, build_manifest_sensor, fingerprint_source, source_fingerprint,
 )
-from nfhm_pipeline.catalog import READERS
+from nfhm_pipeline.ingest import READERS
 from nfhm_pipeline.catalog import load_catalog
 from nfhm_pipeline.definitions import build_definitions
 from nfhm_pipeline.store import warehouse
@@ -35,49 +37,24 @@ CLASSES = ("acer", "betula", "quercus")
 
 def write_leaves(root: Path, per_class: int = 4) -> Path:
     """A label_csv collection: ``root/images/<class>_<i>.png`` (distinct colours) + ``root/leaves.csv``."""
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    lines = ["path,species"]
-    for c, name in enumerate(CLASSES):
-        for i in range(per_class):
-            Image.new("RGB", (12, 12), (40 + 60 * c, 10 + 20 * i, 200 - 50 * c)).save(root / "images" / f"{name}_{i}.png")
-            lines.append(f"images/{name}_{i}.png,{name}")
-    csv = root / "leaves.csv"
-    csv.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return csv
+    names = [f"{name}_{i}" for name in CLASSES for i in range(per_class)]
+
+    def colour(_, leaf: str):
+        name, i = leaf.rsplit("_", 1)
+        c = CLASSES.index(name)
+        return Image.new("RGB", (12, 12), (40 + 60 * c, 10 + 20 * int(i), 200 - 50 * c))
+
+    return shared_write_leaves(root, names, image=colour)
 
 
 def write_catalog(tmp_path: Path, models=MODELS, *, folder: Path | None = None, name="catalog.yaml") -> Path:
     csv = tmp_path / "leaves" / "leaves.csv"
     if not csv.exists():
         write_leaves(tmp_path / "leaves")
-    text = textwrap.dedent(f"""
-        datasets:
-          leaves:
-            reader: label_csv
-            csv: {csv}
-            path_column: path
-            labels: [species]
-            split: {{test_fraction: 0.25, seed: 0, folds: 2}}
-            models: [raw-pixels]
-          specimens:
-            reader: demo_shapes
-            labels: [species, genus, family]
-            group: taxa
-            images_per_species: 2
-            size: 32
-            split: {{test_fraction: 0.2, seed: 0, folds: 2}}
-        """)
-    if folder is not None:
-        text += textwrap.indent(textwrap.dedent(f"""
-            bark:
-              reader: image_folder
-              root: {folder}
-              labels: [label]
-            """), "  ")
-    text += "models:\n" + "".join(f"  {k}:\n    loader: raw_pixels\n    image_size: {s}\n" for k, s in models.items())
-    path = tmp_path / name
-    path.write_text(text, encoding="utf-8")
-    return path
+    bark = f"bark:\n  reader: image_folder\n  root: {folder}\n  labels: [label]\n" if folder is not None else ""
+    return write_leaves_catalog(tmp_path / name, csv,
+                                {k: f"loader: raw_pixels\nimage_size: {s}" for k, s in models.items()},
+                                leaves_extra="models: [raw-pixels]", extra_datasets=SPECIMENS_DATASET + bark)
 
 
 def defs_for(catalog_path: Path, data_dir: Path) -> dg.Definitions:
@@ -220,10 +197,13 @@ def test_generated_dataset_fingerprint_changes_with_its_parameters_only(tmp_path
     assert source_fingerprint(bigger) != source_fingerprint(spec)
 
 
-def test_every_reader_is_declared_listing_or_self_contained_for_the_sensor():
+def test_every_reader_that_names_image_files_lists_them_for_the_sensor():
     # chexpert_csv was once missing: an X-ray rewritten under an unchanged CSV went unnoticed.
-    declared = set(automation._LISTING_READERS) | set(automation._SELF_CONTAINED_READERS)
-    assert declared == set(READERS) and not set(automation._LISTING_READERS) & set(automation._SELF_CONTAINED_READERS)
+    for name, record in READERS.items():
+        names_images = "image_root" in record.fields or "root" in record.fields
+        assert record.lists_images == names_images, name
+        if record.listing is not None:
+            assert record.listing.csv_field in record.required and record.listing.csv_field in record.hashed_fields
 
 
 def test_sensor_notices_an_xray_rewritten_under_an_unchanged_chexpert_csv(tmp_path):
@@ -297,7 +277,7 @@ def test_sensor_tick_on_a_million_row_csv_stats_each_listed_file_once(tmp_path):
 
 
 def test_many_distinct_listed_files_are_stated_as_a_bounded_stable_sample(tmp_path, monkeypatch):
-    monkeypatch.setattr(automation, "STAT_SAMPLE_LIMIT", 500)  # the real limit is 50 000 files
+    monkeypatch.setattr(fingerprint, "STAT_SAMPLE_LIMIT", 500)  # the real limit is 50 000 files
     csv = write_big_csv(tmp_path / "many", 20_000, 5_000)
     spec = load_catalog(big_catalog(tmp_path, csv)).datasets["huge"]
     first, again = fingerprint_source(spec), fingerprint_source(spec)

@@ -25,6 +25,7 @@ import pytest
 from PIL import Image, features
 
 from conftest import REPO_ROOT, local_resources
+from helpers import materialize, random_png, user_error
 from nfhm_pipeline.catalog import load_catalog
 from nfhm_pipeline.definitions import build_definitions
 from nfhm_pipeline.errors import CatalogError, StorageError
@@ -36,13 +37,6 @@ RAW = {"raw-pixels": "loader: raw_pixels\n    image_size: 8",
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-
-def random_png(path: Path, seed: int, size=(10, 8)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path, format="PNG")
-    return path
-
 
 def catalog_file(folder: Path, datasets: str, models=("raw-pixels",)) -> Path:
     body = "datasets:\n" + textwrap.indent(textwrap.dedent(datasets), "  ") + "models:\n"
@@ -60,27 +54,6 @@ def csv_dataset(name: str, csv_path: Path, labels="[species]") -> str:
       path_column: path
       labels: {labels}
     """
-
-
-def run(defs, instance, dataset, stages, partition_key=None):
-    return dg.materialize(list(defs.assets), selection=[dg.AssetKey([dataset, s]) for s in stages],
-                          instance=instance, resources=defs.resources, partition_key=partition_key,
-                          raise_on_error=False)
-
-
-def user_error(result) -> str:
-    """"ClassName: message" of the outermost project error in the failed step's cause chain."""
-    from nfhm_pipeline import errors
-
-    ours = {n for n, c in vars(errors).items() if isinstance(c, type) and issubclass(c, errors.NfhmError)}
-    for event in result.all_events:
-        if event.event_type_value == "STEP_FAILURE":
-            err = event.event_specific_data.error
-            while err is not None and err.cls_name not in ours:
-                err = err.cause
-            assert err is not None, "the step failed with a library error and no project error explaining it"
-            return f"{err.cls_name}: {err.message.strip().split(f'{err.cls_name}: ', 1)[-1]}"
-    raise AssertionError("no step failed")
 
 
 # -- malformed CSV files: the run fails with a ManifestError naming the file ----------------------
@@ -114,7 +87,7 @@ def test_malformed_csv_fails_the_manifest_run_with_a_manifest_error_naming_the_f
     defs = build_definitions(load_catalog(catalog_file(tmp_path, csv_dataset("inbox", csv_path))),
                              local_resources(tmp_path / "data"))
     with dg.instance_for_test() as instance:
-        result = run(defs, instance, "inbox", ["image_manifest"])
+        result = materialize(defs, instance, "inbox", ["image_manifest"])
     assert not result.success
     message = user_error(result)
     assert message.startswith("ManifestError: ") and str(csv_path) in message and phrase in message
@@ -128,9 +101,9 @@ def test_a_broken_csv_keeps_the_last_good_manifest_and_warehouse_rows(tmp_path):
     data = tmp_path / "data"
     defs = build_definitions(load_catalog(catalog_file(tmp_path, csv_dataset("inbox", csv_path))), local_resources(data))
     with dg.instance_for_test() as instance:
-        assert run(defs, instance, "inbox", ["image_manifest"]).success
+        assert materialize(defs, instance, "inbox", ["image_manifest"]).success
         csv_path.write_bytes(GOOD_CSV.replace("acer", "acér").encode("latin-1"))  # a spreadsheet re-save
-        assert not run(defs, instance, "inbox", ["image_manifest"]).success
+        assert not materialize(defs, instance, "inbox", ["image_manifest"]).success
     assert len(pd.read_parquet(data / "manifests" / "inbox.parquet")) == 2
     assert len(warehouse.read_table(data / "warehouse.duckdb", "images", dataset="inbox")) == 2
 
@@ -201,9 +174,9 @@ def bad_rows_run(tmp_path_factory):
     defs = build_definitions(load_catalog(catalog_file(tmp, csv_dataset("inbox", root / "labels.csv"))),
                              local_resources(data))
     with dg.instance_for_test() as instance:
-        result = run(defs, instance, "inbox", ["image_manifest"])
+        result = materialize(defs, instance, "inbox", ["image_manifest"])
         assert result.success
-        assert run(defs, instance, "inbox", ["image_embeddings"], "raw-pixels").success
+        assert materialize(defs, instance, "inbox", ["image_embeddings"], "raw-pixels").success
     yield data, lines, root
 
 
@@ -248,7 +221,7 @@ def test_nul_byte_in_a_path_is_a_rejected_row_not_a_crash(tmp_path):
     defs = build_definitions(load_catalog(catalog_file(tmp_path, csv_dataset("inbox", root / "labels.csv"))),
                              local_resources(data))
     with dg.instance_for_test() as instance:
-        assert run(defs, instance, "inbox", ["image_manifest"]).success
+        assert materialize(defs, instance, "inbox", ["image_manifest"]).success
     rejected = warehouse.read_table(data / "warehouse.duckdb", "rejected_images", dataset="inbox")
     assert rejected["reason"].tolist() == ["missing_file"]
 
@@ -291,8 +264,8 @@ def hostile_names_run(tmp_path_factory):
     defs = build_definitions(load_catalog(catalog_file(tmp, datasets)), local_resources(data))
     with dg.instance_for_test() as instance:
         for ds in ("by_folder", "by_csv"):
-            assert run(defs, instance, ds, ["image_manifest"]).success
-            assert run(defs, instance, ds, ["image_embeddings"], "raw-pixels").success
+            assert materialize(defs, instance, ds, ["image_manifest"]).success
+            assert materialize(defs, instance, ds, ["image_embeddings"], "raw-pixels").success
     yield data, folder_root, csv_root
 
 
@@ -392,9 +365,9 @@ def odd_images_run(tmp_path_factory):
     defs = build_definitions(load_catalog(catalog_file(tmp, datasets, models=("raw-pixels", "raw-pixels-crop"))),
                              local_resources(data))
     with dg.instance_for_test() as instance:
-        assert run(defs, instance, "odd", ["image_manifest"]).success
+        assert materialize(defs, instance, "odd", ["image_manifest"]).success
         for model in ("raw-pixels", "raw-pixels-crop"):
-            assert run(defs, instance, "odd", ["image_embeddings"], model).success
+            assert materialize(defs, instance, "odd", ["image_embeddings"], model).success
     yield data, tmp / "odd" / "specimen", written
 
 

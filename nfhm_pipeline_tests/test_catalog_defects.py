@@ -15,7 +15,7 @@ from PIL import Image
 
 from nfhm_pipeline.catalog import load_catalog
 from nfhm_pipeline.errors import CatalogError, ManifestError, SettingsError
-from nfhm_pipeline.stages.manifests import build_manifest
+from nfhm_pipeline.ingest.manifest import build_manifest
 
 MODELS = """
 models:
@@ -383,3 +383,87 @@ def test_the_video_example_catalog_declares_a_leakage_unit():
     example = Path(__file__).resolve().parents[1] / "docs" / "examples" / "video_frames.yaml"
     spec = load_catalog(example).datasets["butterfly_videos"]
     assert spec.split.group_by == "video_name" and spec.group == "site"
+
+
+def test_a_reserved_name_as_a_label_is_refused_naming_the_dataset_and_field(tmp_path):
+    cat = csv_dataset(tmp_path, "file,uri\nimg/0.png,a\n", labels="[uri]")
+    with pytest.raises(CatalogError, match=r"dataset 'ds': field 'labels': 'uri' is a column the manifest"):
+        load_catalog(cat)
+
+
+CHEST = "  xr:\n    reader: chexpert_csv\n    csv: train.csv\n    labels: [stratum]\n"
+
+
+def test_findings_are_computed_at_load_default_chexpert_and_finding_columns_returns_them(tmp_path):
+    from nfhm_pipeline.evaluation.multilabel_tables import finding_columns
+    from nfhm_pipeline.ingest.chexpert import CHEXPERT_FINDINGS
+
+    default = load_catalog(write_catalog(tmp_path, CHEST)).datasets["xr"]
+    assert default.multilabel and default.findings == CHEXPERT_FINDINGS
+    given = load_catalog(write_catalog(tmp_path, CHEST + "    findings: [Edema, Cardiomegaly]\n",
+                                       name="given.yaml")).datasets["xr"]
+    assert given.findings == ("Edema", "Cardiomegaly") and finding_columns(given) == ["Edema", "Cardiomegaly"]
+    single = load_catalog(csv_dataset(tmp_path, "file,species\nimg/0.png,a\n")).datasets["ds"]
+    assert single.findings == () and finding_columns(single) == []
+
+
+@pytest.mark.parametrize("extra, match", [
+    ("    findings: Edema\n", "'findings' must be a non-empty list"),
+    ("    findings: [Edema, Edema]\n", "'findings' lists a column twice"),
+    ("    findings: [Edema, stratum]\n", r"'findings' uses reserved.*\['stratum'\]"),
+])
+def test_bad_findings_are_refused_at_load(tmp_path, extra, match):
+    with pytest.raises(CatalogError, match=r"dataset 'xr'.*" + match):
+        load_catalog(write_catalog(tmp_path, CHEST + extra))
+
+
+def test_default_findings_clashing_with_a_label_are_refused_at_load(tmp_path):
+    with pytest.raises(CatalogError, match=r"'findings' uses reserved.*\['Edema'\]"):
+        load_catalog(write_catalog(tmp_path, CHEST.replace("[stratum]", "[Edema]")))
+
+
+@pytest.mark.parametrize("extra, match", [
+    ("    labels: [a, b]\n", r"'labels' lists 2 levels.*supplies only 1 \(the derived stratum"),
+    ("    delimiter: ';'\n", r"unknown field\(s\) \['delimiter'\]"),  # chexpert's reader reads commas only
+])
+def test_chexpert_entries_its_reader_cannot_serve_are_refused_at_load(tmp_path, extra, match):
+    text = CHEST.replace("    labels: [stratum]\n", "") + extra if "labels" in extra else CHEST + extra
+    with pytest.raises(CatalogError, match=match):
+        load_catalog(write_catalog(tmp_path, text))
+
+
+def test_a_field_the_reader_requires_is_refused_when_missing(tmp_path):
+    cat = write_catalog(tmp_path, "  ds:\n    reader: label_csv\n    csv: labels.csv\n    labels: [species]\n")
+    with pytest.raises(CatalogError, match=r"dataset 'ds': reader 'label_csv' needs field\(s\) \['path_column'\]"):
+        load_catalog(cat)
+
+
+def test_dataset_seed_defaults_to_the_split_seed_and_can_be_set_apart(tmp_path):
+    spec = load_catalog(csv_dataset(tmp_path, "file,species\nimg/0.png,a\n",
+                                    "    split: {seed: 7}\n")).datasets["ds"]
+    assert (spec.split.seed, spec.seed) == (7, 7)
+    (tmp_path / "cat.yaml").unlink()
+    spec = load_catalog(csv_dataset(tmp_path, "file,species\nimg/0.png,a\n",
+                                    "    seed: 3\n    split: {seed: 7}\n")).datasets["ds"]
+    assert (spec.split.seed, spec.seed) == (7, 3)
+    assert load_catalog("demo").datasets["digits"].seed == 0
+
+
+@pytest.mark.parametrize("extra, field", [
+    ("    seed: true\n", "'seed'"), ("    seed: -1\n", "'seed'"), ("    seed: 1.5\n", "'seed'"),
+    ("    seed: '3'\n", "'seed'"), ("    seed: [1]\n", "'seed'"), ("    split: {seed: -2}\n", "'split.seed'"),
+])
+def test_bad_seeds_are_refused_naming_the_field(tmp_path, extra, field):
+    cat = csv_dataset(tmp_path, "file,species\nimg/0.png,a\n", extra)
+    with pytest.raises(CatalogError, match=rf"dataset 'ds': field {field} must be an integer ≥ 0"):
+        load_catalog(cat)
+
+
+def test_demo_shapes_seed_seeds_the_generated_collection_and_the_evaluation(tmp_path):
+    from nfhm_pipeline.ingest.manifest import reader_params
+
+    cat = write_catalog(tmp_path, "  shapes:\n    reader: demo_shapes\n    labels: [species]\n    seed: 4\n"
+                                  "    images_per_species: 2\n")
+    spec = load_catalog(cat).datasets["shapes"]
+    assert spec.seed == 4 and spec.split.seed == 0
+    assert reader_params(spec, tmp_path)["seed"] == 4

@@ -6,7 +6,6 @@ import pytest
 
 from nfhm_pipeline.errors import EvaluationError
 from nfhm_pipeline.evaluation.classification import (
-    confusion_matrix_frame,
     confusion_pairs,
     per_class_report,
     summarize_predictions,
@@ -94,26 +93,11 @@ def test_confusion_pairs_of_perfect_predictions_is_empty():
     assert confusion_pairs(["a", "b"], ["a", "b"]).empty
 
 
-def test_confusion_matrix_frame_matches_loop_counts():
-    y_true, y_pred = random_labels(6)
-    frame = confusion_matrix_frame(y_true, y_pred)
-    labels = sorted(set(y_true) | set(y_pred))
-    assert list(frame.index) == labels and list(frame.columns) == labels
-    for t in labels:
-        for p in labels:
-            assert frame.loc[t, p] == sum(a == t and b == p for a, b in zip(y_true, y_pred))
-
-
-def test_confusion_matrix_frame_with_given_labels_leaves_out_other_rows():
-    frame = confusion_matrix_frame(["a", "b", "c", "a"], ["a", "c", "c", "b"], labels=["a", "b"])
-    assert frame.to_numpy().tolist() == [[1, 1], [0, 0]]
-
-
 @pytest.mark.parametrize(
     "y_true, y_pred, message",
     [([], [], "no test rows"), (["a", "b"], ["a"], "one length")],
 )
 def test_unusable_label_arrays_raise_evaluation_error(y_true, y_pred, message):
-    for fn in (summarize_predictions, per_class_report, confusion_pairs, confusion_matrix_frame):
+    for fn in (summarize_predictions, per_class_report, confusion_pairs):
         with pytest.raises(EvaluationError, match=message):
             fn(y_true, y_pred)

@@ -7,7 +7,6 @@ own short runs: an interrupted demo, two instances created at once, `--only knn`
 """
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -22,6 +21,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO_ROOT
+from helpers import clustered_split, subprocess_env, write_results, write_split
 from nfhm_pipeline.catalog import load_catalog
 from nfhm_pipeline.cli import main as nfhm
 from nfhm_pipeline.store import provenance, warehouse
@@ -42,9 +42,8 @@ def write_folder(root: Path, per_class: int = 6) -> Path:
 
 
 def cli_env(data_dir: Path, dagster_home: Path, **extra) -> dict:
-    return {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-            "NFHM_DATA_DIR": str(data_dir), "DAGSTER_HOME": str(dagster_home), "NFHM_DEVICE": "cpu",
-            "NFHM_LOADER_WORKERS": "0", "PYTHONUNBUFFERED": "1", **extra}
+    return subprocess_env(**{"NFHM_DATA_DIR": str(data_dir), "DAGSTER_HOME": str(dagster_home), "NFHM_DEVICE": "cpu",
+                             "NFHM_LOADER_WORKERS": "0", "PYTHONUNBUFFERED": "1", **extra})
 
 
 def run_cli(args: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -138,7 +137,7 @@ SEMICOLON_CSV = """
 
 
 def test_init_on_a_csv_sniffs_the_delimiter_and_finds_the_label_levels(tmp_path, capsys):
-    from nfhm_pipeline.stages.manifests import build_manifest
+    from nfhm_pipeline.ingest.manifest import build_manifest
 
     csv = write_csv_collection(tmp_path / "butterflies", SEMICOLON_CSV)
     out = tmp_path / "b.yaml"
@@ -207,16 +206,17 @@ def test_results_rank_models_per_level_with_readable_columns(in_data_dir, capsys
 
 
 def test_results_show_one_dataset_unless_asked(tmp_path, monkeypatch, capsys):
-    import pandas as pd
+    import datetime as dt
+
+    from nfhm_pipeline.evaluation.tables import knn_tables
 
     db = tmp_path / "warehouse.duckdb"
-    for ds, when in (("older", "2024-01-01"), ("newer", "2024-02-01")):
-        warehouse.replace_rows(db, "splits", pd.DataFrame({"dataset": [ds], "image_id": ["i"], "split": ["test"],
-                                                           "split_id": ["seed0-aaaa"]}), dataset=ds)
-        warehouse.replace_rows(db, "metrics", pd.DataFrame({
-            "dataset": ds, "model": ["m"], "task": ["knn"], "level": ["label"], "grp": ["all"],
-            "metric": ["top1_cosine"], "value": [0.5], "run_id": ["r"], "created_at": [pd.Timestamp(when)],
-            "split_id": ["seed0-aaaa"]}), dataset=ds)
+    # k-NN rows computed and stored as the knn_metrics asset does, the older dataset a month earlier
+    for seed, (ds, when) in enumerate((("older", dt.datetime(2024, 1, 1)), ("newer", dt.datetime(2024, 2, 1)))):
+        frame, vectors, split_id = clustered_split(seed)
+        write_split(db, ds, frame, split_id)
+        write_results(db, ds, "m", knn_tables(frame, vectors, ["species"], device="cpu"), split_id=split_id,
+                      created_at=when)
     monkeypatch.setenv("NFHM_DATA_DIR", str(tmp_path))
     assert nfhm(["results"]) == 0
     out = capsys.readouterr().out

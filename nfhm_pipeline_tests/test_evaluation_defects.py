@@ -27,7 +27,7 @@ from nfhm_pipeline.errors import StorageError
 from nfhm_pipeline.evaluation.classification import summarize_predictions
 from nfhm_pipeline.evaluation.knn import L2_RULES, RULES
 from nfhm_pipeline.resources import NfhmStorage
-from nfhm_pipeline.stages.evaluation import EvalTables, knn_tables, probe_tables, zero_shot_tables
+from nfhm_pipeline.evaluation.tables import EvalTables, knn_tables, probe_tables, zero_shot_tables
 from nfhm_pipeline.store import provenance, warehouse
 from test_knn import brute_force_labels, brute_force_rankings
 
@@ -254,14 +254,21 @@ def test_per_group_knn_skips_groups_that_hold_a_single_class():
 
 # --- 11.4: one transaction per asset --------------------------------------------------------------
 
-def test_store_tables_changes_no_table_when_a_later_table_write_fails(tmp_path):
-    from nfhm_pipeline.assets.evaluation import store_tables
+def _provenance(run_id: str, split_id: str):
+    from nfhm_pipeline.stages.base import Provenance
 
-    storage = NfhmStorage(data_dir=str(tmp_path))
-    path = Path(storage.warehouse_path)
+    return Provenance(run_id=run_id, stage="knn_metrics", embedding_fingerprint="f" * 64, split_id=split_id,
+                      split_seed=0, stage_seed=None, device="cpu")
+
+
+def test_store_tables_changes_no_table_when_a_later_table_write_fails(tmp_path):
+    from nfhm_pipeline.stages.base import Paths, store_results
+
+    paths = Paths.under(tmp_path)
+    path = paths.warehouse
     frame, vectors = clustered_frame(seed=0, n=24)
     tables = knn_tables(frame, vectors, ["species"], ks=(1,), device="cpu")
-    store_tables(storage, "leaves", "m", ["knn"], tables, "run-1", "seed0-aaaaaaaaaaaa")
+    store_results(paths, "leaves", "m", ["knn"], tables, _provenance("run-1", "seed0-aaaaaaaaaaaa"))
     before = warehouse.read_table(path, "metrics", dataset="leaves")
     assert len(before) and set(before["split_id"]) == {"seed0-aaaaaaaaaaaa"}
 
@@ -276,7 +283,7 @@ def test_store_tables_changes_no_table_when_a_later_table_write_fails(tmp_path):
                 "true_label VARCHAR, predicted_label VARCHAR, run_id VARCHAR, split_id VARCHAR)")
     con.close()
     with pytest.raises(StorageError, match="predictions"):
-        store_tables(storage, "leaves", "m", ["knn"], tables, "run-2", "seed1-bbbbbbbbbbbb")
+        store_results(paths, "leaves", "m", ["knn"], tables, _provenance("run-2", "seed1-bbbbbbbbbbbb"))
     after = warehouse.read_table(path, "metrics", dataset="leaves")
     # before: metrics and per_class_metrics were already committed with run-2
     assert set(after["run_id"]) == {"run-1"} and len(after) == len(before)
@@ -457,7 +464,7 @@ def test_a_new_split_makes_other_models_stale_and_the_automation_requests_their_
 
 
 def test_multilabel_zero_shot_scores_a_zero_vector_wrong_instead_of_failing():
-    from nfhm_pipeline.stages.multilabel import AucTargets, LabelTexts, multilabel_tables
+    from nfhm_pipeline.evaluation.multilabel_tables import AucTargets, LabelTexts, multilabel_tables
 
     rng = np.random.default_rng(8)
     n, names = 40, ["Effusion", "Edema"]
@@ -486,3 +493,68 @@ def test_multilabel_zero_shot_scores_a_zero_vector_wrong_instead_of_failing():
         ref = sum((a > b) + 0.5 * (a == b) for a in p for b in q) / (len(p) * len(q))
         assert table.loc[name, "auc"] == pytest.approx(ref, abs=1e-12)
     assert set(result.tables.exclusions_frame()["image_id"]) == {"img000", "img006"}
+
+
+# --- issue 12: task and metric names declared once, and never changed -------------------------
+
+def test_the_names_written_to_the_warehouse_are_the_declared_ones_and_unchanged():
+    """Every task, rule and metric name the evaluation writes, spelt out: a rename in
+    ``evaluation.names`` would orphan every stored result, so it must fail here first."""
+    from nfhm_pipeline.evaluation import names
+
+    frame, vectors = clustered_frame(seed=2, n=80, n_classes=6)
+    knn = knn_tables(frame, vectors, ["species"], ks=(1, 3, 5), device="cpu")
+    probe = probe_tables(frame, vectors, ["species"])
+    classes = sorted(frame["species"].unique())
+    text = np.random.default_rng(0).normal(size=(2 * len(classes), vectors.shape[1])).astype(np.float32)
+    zero_shot = zero_shot_tables(frame, vectors, prompts_for(classes), text, ["species"])
+    written = pd.concat([t.frames()[0] for t in (knn, probe, zero_shot)])
+    by_task = {task: set(rows["metric"]) for task, rows in written.groupby("task")}
+
+    rules = ["top1_cosine", "mean_cosine", "top1_euclidean", "mean_euclidean", "top1_euclidean_l2",
+             "mean_euclidean_l2"]
+    assert by_task["knn"] == {f"{prefix}{rule}" for rule in rules
+                              for prefix in ("", "balanced_accuracy_", "macro_f1_", "top3_", "top5_")}
+    assert by_task["linear_probe"] == by_task["logistic_probe"] == {
+        "cv_accuracy", "cv_macro_f1", "test_accuracy", "test_macro_f1"}
+    assert by_task["zero_shot"] == {"top1_single_template", "top1_ensemble", "top5_single_template", "top5_ensemble"}
+    assert by_task["retrieval"] == {f"{d}_{m}@{k}" for d in ("image_to_text", "text_to_image")
+                                    for m in ("precision", "recall") for k in (1, 2, 5, 10)}
+    assert set(knn.frames()[2]["rule"]) == set(rules)
+    assert set(probe.frames()[2]["rule"]) == {"linear_svc", "logistic"}
+
+    assert (names.KNN, names.LINEAR_PROBE, names.LOGISTIC_PROBE, names.ZERO_SHOT, names.RETRIEVAL,
+            names.MULTILABEL_PROBE, names.MULTILABEL_ZERO_SHOT, names.ALIGNMENT_HEAD) == (
+        "knn", "linear_probe", "logistic_probe", "zero_shot", "retrieval", "multilabel_probe",
+        "multilabel_zero_shot", "alignment_head")
+    assert names.KNN_RULES + names.KNN_L2_RULES == tuple(rules)
+    assert names.HEADLINE_METRICS == {
+        "knn": ("top1_cosine", "mean_cosine", "top1_euclidean", "mean_euclidean"),
+        "linear_probe": ("cv_accuracy", "cv_macro_f1", "test_accuracy", "test_macro_f1"),
+        "logistic_probe": ("cv_accuracy", "cv_macro_f1", "test_accuracy", "test_macro_f1"),
+        "zero_shot": ("top1_single_template", "top1_ensemble", "top5_ensemble"),
+        "retrieval": (),
+        "multilabel_probe": ("macro_auc", "micro_auc"),
+        "multilabel_zero_shot": ("macro_auc", "micro_auc"),
+        "alignment_head": ("macro_auc", "micro_auc"),
+    }
+    for task, headline in names.HEADLINE_METRICS.items():  # every headline is a name that is written
+        assert set(headline) <= by_task.get(task, {"macro_auc", "micro_auc"}), task
+
+
+def test_multilabel_rows_carry_the_declared_auc_names():
+    from nfhm_pipeline.evaluation.multilabel_tables import AucTargets, LabelTexts, multilabel_tables
+
+    rng = np.random.default_rng(4)
+    frame, vectors = clustered_frame(seed=4, n=48)
+    y = (rng.random((48, 2)) < 0.5).astype(np.int8)
+    text = LabelTexts(["p1", "p2"], ["n1", "n2"], rng.normal(size=(2, 6)).astype(np.float32),
+                      rng.normal(size=(2, 6)).astype(np.float32))
+    result = multilabel_tables(frame, vectors, AucTargets(["Edema", "Effusion"], y, np.ones_like(y, bool), "lvl",
+                                                          "multilabel"), seed=0, text=text)
+    metrics = result.tables.frames()[0]
+    per_label = {f"{kind}:{label}" for kind in ("auc", "n_pos", "n_neg") for label in ("Edema", "Effusion")}
+    summary = {"macro_auc", "micro_auc", "n_labels_defined"}
+    rows = metrics.groupby("task")["metric"].apply(set).to_dict()
+    assert rows == {"multilabel_probe": per_label | {"n_train:Edema", "n_train:Effusion"} | summary,
+                    "multilabel_zero_shot": per_label | summary}

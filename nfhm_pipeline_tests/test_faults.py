@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -19,9 +18,11 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
-from conftest import REPO_ROOT, local_resources
+from conftest import local_resources
+from helpers import SPECIMENS_DATASET, noise_image, random_png, subprocess_env, user_error, write_leaves_catalog
+from helpers import materialize as shared_materialize
+from helpers import write_leaves as shared_write_leaves
 from nfhm_pipeline.catalog import load_catalog
 from nfhm_pipeline.definitions import build_definitions
 from nfhm_pipeline.errors import StorageError
@@ -34,21 +35,13 @@ CLASSES = ("acer", "betula", "quercus")
 
 # -- helpers ---------------------------------------------------------------------------------------
 
-def write_image(path: Path, seed: int, size=(12, 12)) -> None:
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+def leaf_image(i: int, name: str):
+    """Random pixels seeded by the name, so a leaf keeps its bytes whatever its position."""
+    return noise_image(sum(map(ord, name)) * 7919 + len(name), (12, 12))
 
 
 def write_leaves(root: Path, names: list[str]) -> Path:
-    """``root/images/<name>.png`` (random pixels seeded by the name) and ``root/leaves.csv``;
-    the class is the part of the name before '_'."""
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    for name in names:
-        if not (root / "images" / f"{name}.png").exists():
-            write_image(root / "images" / f"{name}.png", seed=sum(map(ord, name)) * 7919 + len(name))
-    csv = root / "leaves.csv"
-    csv.write_text("path,species\n" + "".join(f"images/{n}.png,{n.split('_')[0]}\n" for n in names), encoding="utf-8")
-    return csv
+    return shared_write_leaves(root, names, image=leaf_image, keep_existing=True)
 
 
 def leaf_names(per_class: int, start: int = 0) -> list[str]:
@@ -61,30 +54,8 @@ def write_catalog(tmp_path: Path, models: dict[str, str], *, specimens: bool = F
     csv = tmp_path / "leaves" / "leaves.csv"
     if not csv.exists():
         write_leaves(tmp_path / "leaves", leaf_names(4))
-    text = textwrap.dedent(f"""
-        datasets:
-          leaves:
-            reader: label_csv
-            csv: {csv}
-            path_column: path
-            labels: [species]
-            split: {{test_fraction: 0.25, seed: 0, folds: 2}}
-        """)
-    if specimens:
-        text += textwrap.indent(textwrap.dedent("""
-            specimens:
-              reader: demo_shapes
-              labels: [species, genus, family]
-              group: taxa
-              images_per_species: 2
-              size: 32
-              split: {test_fraction: 0.2, seed: 0, folds: 2}
-            """), "  ")
-    text += "models:\n" + "".join(f"  {k}:\n" + textwrap.indent(textwrap.dedent(v).strip(), "    ") + "\n"
-                                  for k, v in models.items())
-    path = tmp_path / "catalog.yaml"
-    path.write_text(text, encoding="utf-8")
-    return path
+    return write_leaves_catalog(tmp_path / "catalog.yaml", csv, models,
+                                extra_datasets=SPECIMENS_DATASET if specimens else "")
 
 
 RAW8 = "loader: raw_pixels\nimage_size: 8"
@@ -92,30 +63,7 @@ RAW16 = "loader: raw_pixels\nimage_size: 16"
 
 
 def materialize(defs, instance, dataset, stages, partition_key=None, raise_on_error=True):
-    return dg.materialize(list(defs.assets), selection=[dg.AssetKey([dataset, s]) for s in stages],
-                          instance=instance, resources=defs.resources, partition_key=partition_key,
-                          raise_on_error=raise_on_error)
-
-
-def user_error(result) -> str:
-    """What a person sees of the first failed step: the outermost error of the project's own types
-    in the cause chain (below it are the library errors it explains), as "ClassName: message"."""
-    from nfhm_pipeline import errors
-
-    ours = {name for name, cls in vars(errors).items() if isinstance(cls, type) and issubclass(cls, errors.NfhmError)}
-    for event in result.all_events:
-        if event.event_type_value == "STEP_FAILURE":
-            err = event.event_specific_data.error
-            while err is not None and err.cls_name not in ours:
-                err = err.cause
-            assert err is not None, "no NfhmError in the failure's cause chain"
-            text = err.message.strip()
-            return f"{err.cls_name}: {text.split(f'{err.cls_name}: ', 1)[-1]}"
-    raise AssertionError("no step failed")
-
-
-def subprocess_env() -> dict:
-    return {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return shared_materialize(defs, instance, dataset, stages, partition_key, raise_on_error=raise_on_error)
 
 
 def lake_files(data_dir: Path) -> list[Path]:
@@ -128,17 +76,16 @@ def lake_files(data_dir: Path) -> list[Path]:
 # 6 images and slowed to ~0.1 s per batch of 2 so the kill lands mid-run.
 EMBED_SLOWLY = """
 import sys, time
-from nfhm_pipeline.assets.common import read_manifest
-from nfhm_pipeline.assets.embeddings import load_model
 from nfhm_pipeline.catalog import load_catalog
-from nfhm_pipeline.resources import NfhmStorage, TorchDevice
-from nfhm_pipeline.stages.embedding import EmbedSettings, PixelCache, embed_manifest
+from nfhm_pipeline.embedders.runtime import EmbedSettings, PixelCache, embed_manifest
+from nfhm_pipeline.stages.base import Device, Paths, read_manifest
+from nfhm_pipeline.stages.image_embeddings import load_model
 
-catalog, storage = load_catalog(sys.argv[1]), NfhmStorage(data_dir=sys.argv[2])
-embedder = load_model(catalog, "raw-pixels", storage, TorchDevice(device="cpu", num_workers=0))
+catalog, paths = load_catalog(sys.argv[1]), Paths.under(sys.argv[2])
+embedder = load_model(catalog.models["raw-pixels"], paths, Device("cpu", num_workers=0))
 settings = EmbedSettings(batch_size=2, num_workers=0, chunk_size=6, device="cpu")
-embed_manifest(storage.lake, "specimens", "raw-pixels", read_manifest(storage, "specimens"), embedder,
-               PixelCache(storage.subdir("cache", "pixels")), settings, on_batch=lambda n: time.sleep(0.1))
+embed_manifest(paths.lake, "specimens", "raw-pixels", read_manifest(paths, "specimens"), embedder,
+               PixelCache(paths.subdir("cache", "pixels")), settings, on_batch=lambda n: time.sleep(0.1))
 print("finished", flush=True)
 """
 
@@ -308,7 +255,7 @@ def test_images_added_removed_and_rewritten_between_runs_are_counted_exactly(tmp
         changed = [n for n in names if n not in ("acer_0", "betula_1")] + leaf_names(1, start=10)  # -2, +3
         write_leaves(root, changed)
         materialize(defs, instance, "leaves", ["image_manifest", "image_embeddings"], "raw-pixels")
-        write_image(root / "images" / "quercus_2.png", seed=123456)  # same path, new bytes
+        random_png(root / "images" / "quercus_2.png", seed=123456, size=(12, 12))  # same path, new bytes
         materialize(defs, instance, "leaves", ["image_manifest", "image_embeddings"], "raw-pixels")
     runs = warehouse.query(data / "warehouse.duckdb", "SELECT images, new, reused, removed, resumed "
                                                       "FROM embedding_runs ORDER BY finished_at")

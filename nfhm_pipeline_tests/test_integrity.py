@@ -16,37 +16,16 @@ import pytest
 from PIL import Image
 
 from conftest import REPO_ROOT, local_resources
+from helpers import materialize, random_png, user_error
 from nfhm_pipeline.catalog import load_catalog
 from nfhm_pipeline.definitions import build_definitions
 from nfhm_pipeline.embedders import PreprocessSpec, decode_to_uint8, load_embedder
 from nfhm_pipeline.embedders.preprocess import MAX_RESIZED_PIXELS
 from nfhm_pipeline.ingest.images import MAX_ASPECT_RATIO, load_rgb, validate_images
-from nfhm_pipeline.stages.embedding import embedding_identity, model_loader_spec
+from nfhm_pipeline.embedders.runtime import embedding_identity, model_loader_spec
 from nfhm_pipeline.store.embedding_store import EmbeddingStore
 
 MEAN = STD = (0.5, 0.5, 0.5)
-
-
-def random_png(path: Path, seed: int, size=(10, 8)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path, format="PNG")
-    return path
-
-
-def step_error(result) -> str:
-    """'ClassName: message' of the first failed step's error (its cause chain searched for ours)."""
-    from nfhm_pipeline import errors
-
-    ours = {n for n, c in vars(errors).items() if isinstance(c, type) and issubclass(c, errors.NfhmError)}
-    for event in result.all_events:
-        if event.event_type_value == "STEP_FAILURE":
-            err = event.event_specific_data.error
-            while err is not None and err.cls_name not in ours:
-                err = err.cause
-            assert err is not None, "the step failed with a library error and no project error explaining it"
-            return f"{err.cls_name}: {err.message}"
-    raise AssertionError("no step failed")
 
 
 # -- 16.1: a file rewritten between the manifest and the embedding ---------------------------------
@@ -75,11 +54,6 @@ def csv_project(tmp_path):
     return build_definitions(load_catalog(catalog), local_resources(data)), data, images
 
 
-def run(defs, instance, stage, partition_key=None):
-    return dg.materialize(list(defs.assets), selection=[dg.AssetKey(["inbox", stage])], instance=instance,
-                          resources=defs.resources, partition_key=partition_key, raise_on_error=False)
-
-
 def files_holding(data: Path, image_id: str) -> list[Path]:
     """Pixel-cache entries named by `image_id` and lake (table or checkpoint) Parquet files listing it."""
     found = list((data / "cache").rglob(f"{image_id}.npy"))
@@ -94,20 +68,20 @@ def test_file_rewritten_after_the_manifest_fails_embedding_clearly_and_stores_no
     defs, data, (a, b, c) = csv_project
     original = b.read_bytes()
     with dg.instance_for_test() as instance:
-        assert run(defs, instance, "image_manifest").success
+        assert materialize(defs, instance, "inbox", ["image_manifest"]).success
         manifest = pd.read_parquet(data / "manifests" / "inbox.parquet")
         old_id = manifest.loc[manifest["uri"] == str(b), "image_id"].item()
 
         random_png(b, seed=99)  # the file changes; the nightly re-embed runs without the manifest
-        failed = run(defs, instance, "image_embeddings", "raw-pixels")
+        failed = materialize(defs, instance, "inbox", ["image_embeddings"], "raw-pixels")
         assert not failed.success
-        message = step_error(failed)
+        message = user_error(failed)
         assert message.startswith("ManifestError: ") and str(b) in message
         assert "changed after the manifest" in message and "inbox/image_manifest" in message
         assert files_holding(data, old_id) == []  # neither cached nor stored under the old id
 
         b.write_bytes(original)  # restored: the same id, the same bytes
-        result = run(defs, instance, "image_embeddings", "raw-pixels")
+        result = materialize(defs, instance, "inbox", ["image_embeddings"], "raw-pixels")
         assert result.success
         checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
         assert checks["every_image_embedded"] is True
@@ -127,7 +101,7 @@ def test_a_rewritten_file_met_by_a_loader_worker_gives_the_plain_sentence(tmp_pa
     # GPU runs decode in DataLoader worker processes; the error must still be our sentence, without
     # the worker's traceback pasted into it.
     from nfhm_pipeline.errors import ManifestError
-    from nfhm_pipeline.stages.embedding import EmbedSettings, PixelCache, embed_manifest
+    from nfhm_pipeline.embedders.runtime import EmbedSettings, PixelCache, embed_manifest
 
     paths = [random_png(tmp_path / "img" / f"{i}.png", seed=i) for i in range(8)]
     frame = pd.DataFrame({"uri": [str(p) for p in paths], "species": ["x"] * 8})

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import local_resources
-from nfhm_pipeline.assets.splits import split_frames
+from nfhm_pipeline.stages.splits import split_frames
 from nfhm_pipeline.catalog import DatasetSpec, SplitSettings, load_catalog
 from nfhm_pipeline.definitions import build_definitions
 from nfhm_pipeline.errors import EvaluationError

@@ -20,9 +20,8 @@ from nfhm_pipeline.catalog import load_catalog
 from nfhm_pipeline.definitions import build_definitions
 from nfhm_pipeline.errors import EvaluationError
 from nfhm_pipeline.evaluation.alignment import AlignmentHead
-from nfhm_pipeline.stages.multilabel import (
-    auc_difference_report, first_positive_strata, parse_finding_values, policy_level,
-)
+from nfhm_pipeline.evaluation.multilabel_tables import auc_difference_report, policy_level
+from nfhm_pipeline.ingest.chexpert import first_positive_strata, parse_finding_values
 from nfhm_pipeline.store import warehouse
 
 FINDINGS = ["Cardiomegaly", "Edema", "Pleural Effusion", "Support Devices"]
@@ -100,8 +99,8 @@ def chest(tmp_path_factory):
         for ds in catalog.datasets:
             for i, model in enumerate(catalog.models_for(ds)):
                 # The first partition's run also builds the (unpartitioned) manifest and split.
-                stages = ["image_manifest", "splits"] * (i == 0) + ["image_embeddings", "multilabel_metrics",
-                                                                    "alignment_head"]
+                stages = ["image_manifest", "splits"] * (i == 0) + ["image_embeddings", "text_embeddings",
+                                                                    "multilabel_metrics", "alignment_head"]
                 results[ds, model.key] = materialize(defs, instance, stages, ds, model.key)
         yield catalog, data_dir, csv_path, defs, instance, results
 
@@ -292,7 +291,7 @@ def test_auc_assets_exist_for_multilabel_and_medical_datasets_only():
 
 def test_a_finding_named_like_a_manifest_column_is_refused_naming_the_dataset(tmp_path):
     from nfhm_pipeline.errors import CatalogError
-    from nfhm_pipeline.stages.multilabel import finding_columns
+    from nfhm_pipeline.evaluation.multilabel_tables import finding_columns
 
     path = tmp_path / "cat.yaml"
     path.write_text("datasets:\n  chest:\n    reader: chexpert_csv\n    csv: labels.csv\n    labels: [label]\n"

@@ -95,7 +95,7 @@ models:
     with dg.instance_for_test() as instance:
         for ds in catalog.datasets:
             for stages, partition in ((["image_manifest", "splits"], None),
-                                      (["image_embeddings", "multilabel_metrics"], MODEL)):
+                                      (["image_embeddings", "text_embeddings", "multilabel_metrics"], MODEL)):
                 result = dg.materialize(list(defs.assets), selection=[dg.AssetKey([ds, s]) for s in stages],
                                         instance=instance, resources=defs.resources, partition_key=partition)
                 assert result.success

@@ -7,7 +7,7 @@ from PIL import Image
 
 from nfhm_pipeline.errors import ManifestError
 from nfhm_pipeline.ingest import (
-    SOURCE_READERS,
+    READERS,
     read_image_folder,
     read_label_csv,
     read_medmnist_npz,
@@ -231,8 +231,8 @@ def test_read_source_bad_parameter_names_kind(tmp_path):
 def test_read_source_dispatches_to_reader(tmp_path):
     image(tmp_path / "a" / "1.png")
     assert read_source("image_folder", root=tmp_path).equals(read_image_folder(tmp_path))
-    assert set(SOURCE_READERS) == {"vlm4bio_csv", "label_csv", "image_folder", "medmnist_npz", "demo_shapes",
-                                   "sklearn_digits"}
+    assert set(READERS) == {"vlm4bio_csv", "label_csv", "image_folder", "medmnist_npz", "demo_shapes",
+                            "sklearn_digits", "chexpert_csv"}
 
 
 # ---- real data (skips without ../shared/data) ----------------------------------------------------

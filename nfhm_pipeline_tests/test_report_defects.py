@@ -10,7 +10,6 @@ subprocess, a folder under a regular file, a symlink planted in the report folde
 """
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -26,14 +25,15 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import REPO_ROOT, local_resources
+from conftest import local_resources
+from helpers import subprocess_env
 from nfhm_pipeline.catalog import load_catalog
 from nfhm_pipeline.errors import StorageError
 from nfhm_pipeline.reports.files import inside, safe_name
 from nfhm_pipeline.reports.summary import class_baselines, reading_notes
 from nfhm_pipeline.runner import materialize_catalog
-from nfhm_pipeline.stages.evaluation import knn_tables
-from nfhm_pipeline.stages.reports import (MAPS_FOLDER, ReportInputs, build_comparison, draw_maps, read_inputs,
+from nfhm_pipeline.evaluation.tables import knn_tables
+from nfhm_pipeline.reports.comparison import (MAPS_FOLDER, ReportInputs, build_comparison, draw_maps, read_inputs,
                                           report_folder, run_comparison, split_labels)
 from nfhm_pipeline.store import provenance, warehouse
 
@@ -247,7 +247,7 @@ FULL_DISK = """
 import resource, signal, sys
 import matplotlib.font_manager  # build matplotlib's font cache before the limit
 from nfhm_pipeline.errors import StorageError
-from nfhm_pipeline.stages.reports import run_comparison
+from nfhm_pipeline.reports.comparison import run_comparison
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG as an error, not a killed process
 resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))
 try:
@@ -260,8 +260,7 @@ except StorageError as e:
 def test_full_disk_during_the_report_is_a_storage_error_naming_the_file(leaves, tmp_path):
     _, _, data_dir, _ = leaves
     reports = tmp_path / "reports"
-    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "MPLCONFIGDIR": str(tmp_path / "mpl")}
+    env = subprocess_env(MPLCONFIGDIR=str(tmp_path / "mpl"))
     done = subprocess.run([sys.executable, "-c", FULL_DISK, DATASET, str(data_dir / "warehouse.duckdb"), str(reports)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -20,8 +20,10 @@ from nfhm_pipeline.reports.plots import (
     CHANCE_ROW, MAJORITY_ROW, confusion_figure, knn_group_bars, model_colour, model_styles, png_data_uri,
     probe_table, retrieval_table, save_png, speed_bars, zero_shot_table,
 )
+from helpers import clustered_split, write_results, write_split
+from nfhm_pipeline.evaluation.tables import knn_tables, probe_tables
+from nfhm_pipeline.reports.comparison import read_inputs
 from nfhm_pipeline.reports.summary import markdown_summary, rank_models
-from nfhm_pipeline.stages.reports import read_inputs
 
 DATASET = "demo_shapes"
 MODELS = ["raw-pixels", "tiny-clip"]
@@ -269,6 +271,45 @@ def test_rank_models_orders_by_top1_cosine_and_carries_the_linear_probe(metrics)
     assert row["probe_test_accuracy"] == pytest.approx(
         value(metrics, task="linear_probe", model="tiny-clip", level="genus", metric="test_accuracy"))
     assert np.isfinite(row["probe_cv_std"])
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory):
+    """Two models' k-NN and linear-probe results on a small collection, computed by
+    ``evaluation.tables`` and written by ``warehouse.replace_many`` as the evaluation assets write
+    them, then read back as the comparison reads them (no Dagster run: the rows alone)."""
+    db = tmp_path_factory.mktemp("ranked") / "warehouse.duckdb"
+    genus = {"acer": "sapindales", "betula": "fagales", "quercus": "fagales"}
+    frame, vectors, split_id = clustered_split(0, genus=genus)
+    write_split(db, "leaves", frame, split_id)
+    noise = np.random.default_rng(1).normal(scale=4.0, size=vectors.shape).astype(np.float32)
+    for model, v in (("sharp", vectors), ("blurred", vectors + noise)):
+        for tables in (knn_tables(frame, v, ["species", "genus"], device="cpu"),
+                       probe_tables(frame, v, ["species", "genus"])):
+            write_results(db, "leaves", model, tables, split_id=split_id)
+    return read_inputs(db, "leaves")
+
+
+def test_rank_models_shows_the_probe_rows_the_pipeline_writes(stored):
+    # issue 12: the ranking asked for metric 'accuracy', which the probe never writes
+    # (it writes cv_accuracy / test_accuracy), so the probe columns never appeared.
+    metrics = stored.metrics
+    assert {"linear_probe", "knn"} <= set(metrics["task"])
+    ranking = rank_models(metrics)
+    assert {"probe_cv_accuracy", "probe_cv_std", "probe_test_accuracy"} <= set(ranking.columns)
+    assert len(ranking) == 4  # 2 models x 2 levels
+    for row in ranking.itertuples():
+        where = dict(task="linear_probe", model=row.model, level=row.level, grp="all")
+        cv = metrics[(metrics[list(where)] == pd.Series(where)).all(axis=1) & (metrics["metric"] == "cv_accuracy")]
+        assert row.probe_cv_accuracy == cv["value"].item() and row.probe_cv_std == cv["std"].item()
+        assert row.probe_test_accuracy == value(metrics, metric="test_accuracy", **where)
+        assert row.top1_cosine == value(metrics, task="knn", model=row.model, level=row.level, grp="all",
+                                        metric="top1_cosine")
+    text = markdown_summary(metrics, stored.runs, "leaves")
+    sharp = ranking[(ranking["model"] == "sharp") & (ranking["level"] == "species")].iloc[0]
+    assert "| rank | model | top-1 cosine | mean cosine | linear probe, CV (mean ± std) | linear probe, test |" in text
+    assert (f"| {100 * sharp.probe_cv_accuracy:.1f} ± {100 * sharp.probe_cv_std:.1f} % "
+            f"| {100 * sharp.probe_test_accuracy:.1f} % |") in text
 
 
 def test_rank_models_for_one_level(metrics):

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -24,9 +22,10 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
-from conftest import REPO_ROOT, local_resources
+import helpers
+from conftest import local_resources
+from helpers import noise_image, subprocess_env, write_leaves_catalog
 from nfhm_pipeline.catalog import load_catalog
 from nfhm_pipeline.definitions import build_definitions
 from nfhm_pipeline.errors import SettingsError, StorageError
@@ -34,10 +33,6 @@ from nfhm_pipeline.store import warehouse
 from nfhm_pipeline.store.embedding_store import EmbeddingStore, EmbeddingTable
 
 PAUSE = "nfhm-test-pause: "
-
-
-def subprocess_env(**extra) -> dict:
-    return {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **extra}
 
 
 def run_until_pause(args: list[str], stop_at: int, env: dict) -> tuple[subprocess.Popen, list[str]]:
@@ -104,30 +99,13 @@ def test_sigkill_between_two_table_writes_leaves_every_table_as_it_was(tmp_path,
 
 
 def write_leaves(root: Path, names: list[str], seed: int = 0) -> Path:
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    for i, name in enumerate(names):
-        rng = np.random.default_rng(seed * 1000 + i)
-        Image.fromarray(rng.integers(0, 255, (10, 10, 3), dtype=np.uint8)).save(root / "images" / f"{name}.png")
-    csv = root / "leaves.csv"
-    csv.write_text("path,species\n" + "".join(f"images/{n}.png,{n.split('_')[0]}\n" for n in names), encoding="utf-8")
-    return csv
+    """The leaves collection; images of noise seeded by ``seed`` and their position."""
+    return helpers.write_leaves(root, names, image=lambda i, _: noise_image(seed * 1000 + i, (10, 10)))
 
 
 def write_catalog(tmp_path: Path) -> Path:
     csv = write_leaves(tmp_path / "leaves", [f"{c}_{i}" for c in ("acer", "betula", "quercus") for i in range(4)])
-    path = tmp_path / "catalog.yaml"
-    path.write_text(textwrap.dedent(f"""
-        datasets:
-          leaves:
-            reader: label_csv
-            csv: {csv}
-            path_column: path
-            labels: [species]
-            split: {{test_fraction: 0.25, seed: 0, folds: 2}}
-        models:
-          raw-pixels: {{loader: raw_pixels, image_size: 8}}
-        """), encoding="utf-8")
-    return path
+    return write_leaves_catalog(tmp_path / "catalog.yaml", csv, {"raw-pixels": "loader: raw_pixels\nimage_size: 8"})
 
 
 MATERIALIZE_MANIFEST = """

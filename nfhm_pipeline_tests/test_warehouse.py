@@ -63,3 +63,41 @@ def test_two_processes_writing_at_once_lose_no_rows(tmp_path):
         p.join(120)
     assert [p.exitcode for p in procs] == [0, 0]
     assert len(warehouse.read_table(db, "metrics")) == 2 * 5 * 3
+
+
+def test_every_declared_table_is_created_with_its_columns_types_and_not_nulls_in_order(tmp_path):
+    from nfhm_pipeline.store.schemas import WAREHOUSE_TABLES
+
+    db = tmp_path / "w.duckdb"
+    with warehouse.connect(db) as con:
+        warehouse.ensure_schema(con)
+        rows = con.execute("SELECT table_name, column_name, data_type, is_nullable FROM information_schema.columns "
+                           "WHERE table_schema = 'main' ORDER BY table_name, ordinal_position").fetchall()
+    got: dict[str, list] = {}
+    for table, column, dtype, nullable in rows:
+        got.setdefault(table, []).append((column, dtype, nullable == "YES"))
+    want = {t: [(c.name, c.type, c.nullable) for c in cols] for t, cols in WAREHOUSE_TABLES.items()}
+    assert got == want
+    assert warehouse.table_columns("runs")[:4] == ["dataset", "model", "task", "run_id"]
+
+
+def test_a_column_declared_since_an_older_warehouse_is_added_as_null(tmp_path):
+    import duckdb
+
+    db = tmp_path / "w.duckdb"
+    con = duckdb.connect(str(db))
+    con.execute("CREATE TABLE split_exclusions (dataset VARCHAR NOT NULL, image_id VARCHAR NOT NULL)")
+    con.execute("INSERT INTO split_exclusions VALUES ('d', 'i')")
+    con.close()
+    warehouse.replace_rows(db, "split_exclusions", pd.DataFrame({"dataset": ["e"], "image_id": ["j"],
+                                                                 "reason": ["r"]}), dataset="e")
+    out = warehouse.read_table(db, "split_exclusions").sort_values("dataset")
+    assert list(out.columns) == ["dataset", "image_id", "label", "reason"]
+    assert out["reason"].isna().tolist() == [True, False] and out["reason"].iloc[1] == "r"
+
+
+def test_an_unknown_table_is_refused(tmp_path):
+    from nfhm_pipeline.store.schemas import create_table_sql
+
+    with pytest.raises(StorageError, match="unknown warehouse table 'nope'"):
+        create_table_sql("nope")

@@ -10,7 +10,6 @@ from nfhm_pipeline.evaluation.zero_shot import (
     BIO_TEMPLATES,
     DEFAULT_TEMPLATES,
     MEDICAL_TEMPLATES,
-    build_prompts,
     ensemble_class_embeddings,
     retrieval_metrics,
     zero_shot_accuracy,
@@ -49,16 +48,6 @@ def tied_embeddings(rng, n, dim, n_distinct):
 def test_template_sets_each_hold_one_placeholder_per_template():
     for templates in (DEFAULT_TEMPLATES, BIO_TEMPLATES, MEDICAL_TEMPLATES):
         assert len(templates) >= 3 and all(t.count("{}") == 1 for t in templates)
-
-
-def test_build_prompts_fills_every_template_for_every_class():
-    prompts = build_prompts(["Danio rerio", "pneumonia"], ["a photo of {}.", "{}"])
-    assert prompts == [["a photo of Danio rerio.", "Danio rerio"], ["a photo of pneumonia.", "pneumonia"]]
-
-
-def test_build_prompts_rejects_template_without_placeholder():
-    with pytest.raises(EvaluationError, match="exactly once"):
-        build_prompts(["a"], ["a photo"])
 
 
 def test_ensemble_normalises_each_prompt_then_the_mean():

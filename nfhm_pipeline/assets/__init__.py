@@ -1,31 +1,132 @@
-"""Thin Dagster assets. Each module builds one stage's asset(s) for a catalog dataset."""
-from __future__ import annotations
+"""The assets, declared: one row per stage in :data:`STAGES`, one loop that makes the ``@dg.asset``s
+of every catalog dataset. What a stage does is in its ``nfhm_pipeline.stages`` module.
+
+Pools name the work, not the asset: ``gpu`` for the stages whose heavy loop runs on the torch
+device (embedding, the kNN Gram matrices, the alignment head), so one GPU is never oversubscribed.
+Warehouse writes need no pool: the warehouse serialises its writers itself with a file lock held
+only for the write's transaction (``store.warehouse``), so a CPU step never waits for a GPU step
+to finish its compute, nor the other way round.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Callable
 
 import dagster as dg
 
 from nfhm_pipeline.catalog import Catalog, DatasetSpec
+from nfhm_pipeline.resources import NfhmStorage, TorchDevice
+from nfhm_pipeline.stages import (
+    alignment_head, embedding_maps, image_embeddings, knn_metrics, linear_probe_metrics, manifest,
+    model_comparison, multilabel_metrics, splits, text_embeddings, zero_shot_metrics,
+)
+from nfhm_pipeline.stages.base import ColumnSchema, Location, Markdown, StageResult
+
+EAGER = dg.AutomationCondition.eager
+NIGHTLY_REPORT = "0 6 * * *"
+
+
+def _always(spec: DatasetSpec) -> bool:
+    return True
+
+
+def _auc(spec: DatasetSpec) -> bool:
+    from nfhm_pipeline.evaluation.multilabel_tables import evaluates_auc
+
+    return evaluates_auc(spec)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # the asset key is [dataset, name]
+    module: ModuleType  # its run(), CHECKS and DESCRIPTION / describe(spec)
+    deps: tuple[str, ...] | Callable[[DatasetSpec], tuple[str, ...]]
+    kinds: frozenset[str]
+    pool: str | None = None
+    partitioned: bool = True  # one partition per catalog model
+    applies: Callable[[DatasetSpec], bool] = _always
+    cron: str | None = None  # on_cron automation instead of eager
+
+
+def _text_deps(spec: DatasetSpec) -> tuple[str, ...]:
+    # AUC datasets embed the label prompts of the split's classes
+    return ("image_manifest", "splits") if _auc(spec) else ("image_manifest",)
+
+
+def _comparison_deps(spec: DatasetSpec) -> tuple[str, ...]:
+    metric_stages = ("knn_metrics", "linear_probe_metrics", "zero_shot_metrics")
+    return metric_stages + (("multilabel_metrics", "alignment_head") if _auc(spec) else ())
+
+
+# In the order the runner materializes a model's stages (Dagster orders dependent steps anyway).
+STAGES: tuple[Stage, ...] = (
+    Stage("image_manifest", manifest, (), frozenset({"parquet", "duckdb"}), partitioned=False),
+    Stage("image_embeddings", image_embeddings, ("image_manifest",), frozenset({"pytorch", "parquet"}), pool="gpu"),
+    Stage("splits", splits, ("image_manifest",), frozenset({"duckdb"}), partitioned=False),
+    Stage("text_embeddings", text_embeddings, _text_deps, frozenset({"pytorch", "parquet"}), pool="gpu"),
+    Stage("knn_metrics", knn_metrics, ("image_embeddings", "splits"), frozenset({"pytorch", "duckdb"}), pool="gpu"),
+    Stage("linear_probe_metrics", linear_probe_metrics, ("image_embeddings", "splits"),
+          frozenset({"scikitlearn", "duckdb"})),
+    Stage("zero_shot_metrics", zero_shot_metrics, ("image_embeddings", "text_embeddings", "splits"),
+          frozenset({"pytorch", "duckdb"})),
+    Stage("multilabel_metrics", multilabel_metrics, ("image_embeddings", "text_embeddings", "splits"),
+          frozenset({"scikitlearn", "duckdb"}), applies=_auc),
+    Stage("alignment_head", alignment_head, ("image_embeddings", "text_embeddings", "splits"),
+          frozenset({"pytorch", "safetensors", "duckdb"}), pool="gpu", applies=_auc),
+    Stage("embedding_maps", embedding_maps, ("image_embeddings",), frozenset({"umap", "png"})),
+    Stage("model_comparison", model_comparison, _comparison_deps, frozenset({"duckdb", "html"}), partitioned=False,
+          cron=NIGHTLY_REPORT),
+)
 
 
 def dataset_assets(catalog: Catalog, spec: DatasetSpec) -> list[dg.AssetsDefinition]:
-    """Every asset of one dataset, keys prefixed by the dataset name."""
-    from nfhm_pipeline.assets.embeddings import embeddings_asset, text_embeddings_asset
-    from nfhm_pipeline.assets.evaluation import knn_metrics_asset, probe_metrics_asset, zero_shot_metrics_asset
-    from nfhm_pipeline.assets.manifests import manifest_asset
-    from nfhm_pipeline.assets.multilabel import alignment_head_asset, multilabel_metrics_asset
-    from nfhm_pipeline.assets.reports import comparison_asset, embedding_maps_asset
-    from nfhm_pipeline.assets.splits import splits_asset
-    from nfhm_pipeline.stages.multilabel import evaluates_auc
+    """Every asset of one dataset, keys ``[dataset, stage]``."""
+    partitions = dg.StaticPartitionsDefinition([m.key for m in catalog.models_for(spec.name)])
+    return [_asset(catalog, spec, stage, partitions) for stage in STAGES if stage.applies(spec)]
 
-    auc = [multilabel_metrics_asset(catalog, spec), alignment_head_asset(catalog, spec)] if evaluates_auc(spec) else []
-    return [
-        manifest_asset(spec),
-        embeddings_asset(catalog, spec),
-        text_embeddings_asset(catalog, spec),
-        splits_asset(spec),
-        knn_metrics_asset(catalog, spec),
-        probe_metrics_asset(catalog, spec),
-        zero_shot_metrics_asset(catalog, spec),
-        embedding_maps_asset(catalog, spec),
-        *auc,
-        comparison_asset(spec),
-    ]
+
+def _asset(catalog: Catalog, spec: DatasetSpec, stage: Stage, partitions) -> dg.AssetsDefinition:
+    key = dg.AssetKey([spec.name, stage.name])
+    module = stage.module
+    deps = stage.deps(spec) if callable(stage.deps) else stage.deps
+    describe = getattr(module, "describe", None)
+    checks = [dg.AssetCheckSpec(c.name, asset=key, blocking=c.blocking, description=c.description)
+              for c in getattr(module, "CHECKS", ())]
+
+    @dg.asset(key=key, group_name=spec.name, kinds=set(stage.kinds), pool=stage.pool,
+              partitions_def=partitions if stage.partitioned else None,
+              deps=[dg.AssetKey([spec.name, d]) for d in deps], check_specs=checks or None,
+              automation_condition=dg.AutomationCondition.on_cron(stage.cron) if stage.cron else EAGER(),
+              description=describe(spec) if describe else module.DESCRIPTION)
+    def _stage_asset(context: dg.AssetExecutionContext, storage: NfhmStorage,
+                     torch_device: TorchDevice) -> dg.MaterializeResult:
+        model = catalog.models[context.partition_key] if stage.partitioned else None
+        # Only the stages that run torch resolve the device (resolving imports torch).
+        device = torch_device.settings() if stage.pool == "gpu" else torch_device.settings(resolve=False)
+        result = module.run(spec, model, storage.paths(), device, run_id=context.run_id, log=context.log.info)
+        return materialize_result(result)
+
+    return _stage_asset
+
+
+def materialize_result(result: StageResult) -> dg.MaterializeResult:
+    """A stage's plain result as Dagster metadata and check results."""
+    return dg.MaterializeResult(
+        metadata={name: _metadata_value(value) for name, value in result.metadata.items()},
+        check_results=[
+            dg.AssetCheckResult(check_name=c.name, passed=bool(c.passed),
+                                metadata={k: _metadata_value(v) for k, v in c.metadata.items()},
+                                **({"severity": dg.AssetCheckSeverity.WARN} if c.warn_only else {}))
+            for c in result.checks] or None,
+    )
+
+
+def _metadata_value(value):
+    if isinstance(value, Markdown):
+        return dg.MetadataValue.md(str(value))
+    if isinstance(value, (Path, Location)):
+        return dg.MetadataValue.path(str(value))
+    if isinstance(value, ColumnSchema):
+        return dg.TableSchema(columns=[dg.TableColumn(name=n, type=t) for n, t in value.columns])
+    return value

@@ -8,6 +8,23 @@ Every validation error names the file, the entry and the field.
 Paths inside a catalog may use ``${VAR}`` / ``${VAR:-default}``; relative paths
 are resolved against the catalog file's folder, except ``generated`` sources,
 which live under ``NFHM_DATA_DIR``.
+
+A dataset entry has the common fields ``reader``, ``labels`` (finest level first), ``group``,
+``split``, ``prompts``, ``description``, ``uncertain_policy``, ``models``, ``umap`` and ``seed``,
+plus the fields of its reader (``nfhm_pipeline.ingest.registry.READERS``: which are required,
+which are paths, how many label levels the reader supplies, whether ``group`` and
+``split.group_by`` can be read from its source).
+
+Two seeds, two jobs:
+
+- ``split.seed`` (default 0) seeds only the train/test split and its CV folds;
+- ``seed`` (an integer ≥ 0, default ``split.seed``) seeds what comes after the split: linear and
+  multi-label probes, alignment heads and the UMAP maps. For ``demo_shapes`` it also seeds the
+  generated collection (which uses 0 when ``seed`` is not given).
+
+Names the manifest defines itself (``RESERVED_COLUMNS``: uri, image_id, width, height, mode,
+phash, group, split_group, official_split, …) are refused as ``labels``, ``group``,
+``split.group_by`` and ``findings`` entries; multi-label ``findings`` are checked at load.
 """
 from __future__ import annotations
 
@@ -21,6 +38,8 @@ import yaml
 
 from nfhm_pipeline.embedders.loaders import LOADERS
 from nfhm_pipeline.errors import CatalogError
+from nfhm_pipeline.evaluation.prompts import TEMPLATE_SETS
+from nfhm_pipeline.ingest.registry import READERS
 
 CATALOG_DIR = Path(__file__).resolve().parent
 SLUG = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
@@ -34,27 +53,14 @@ RESERVED_COLUMNS = frozenset({"image_id", "uri", "width", "height", "mode", "gro
 CSV_DELIMITERS = {",": ",", ";": ";", "\\t": "\t", "\t": "\t", "tab": "\t", "|": "|"}
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
-# Readers and the fields each one takes (beyond the common dataset fields).
-READERS: dict[str, set[str]] = {
-    "demo_shapes": {"images_per_species", "size", "seed"},
-    "sklearn_digits": set(),
-    "vlm4bio_csv": {"csv", "image_root", "taxa", "taxa_column", "delimiter", "taxonomy"},
-    "label_csv": {"csv", "path_column", "image_root", "group_column", "split_column", "delimiter", "taxonomy"},
-    "image_folder": {"root", "taxonomy", "underscores_to_spaces"},
-    "medmnist_npz": {"npz", "class_names"},
-    "chexpert_csv": {"csv", "path_column", "image_root", "findings", "delimiter"},
-}
-# Label levels a reader can supply by itself (None: any column of its CSV); more need a `taxonomy:`.
-_READER_LEVELS = {"image_folder": 1, "medmnist_npz": 1, "sklearn_digits": 1}
-# Readers that read a per-image column, so a reporting group or a leakage unit can come from the source.
-_GROUP_READERS = {"vlm4bio_csv", "label_csv", "chexpert_csv", "demo_shapes"}
-_SPLIT_GROUP_READERS = {"vlm4bio_csv", "label_csv"}
+# Readers (their fields, label levels, group support, path fields, sensor fingerprint) are declared
+# once, in nfhm_pipeline.ingest.registry.READERS; the catalog keeps no list of its own.
 NEAR_DUPLICATE_ACTIONS = ("keep", "drop", "group")
 # Loader kinds and the keys each reads are declared once, in nfhm_pipeline.embedders.loaders.LOADERS.
 UNCERTAIN_POLICIES = {"ignore", "positive", "negative"}
-PROMPT_SETS = {"generic", "biology", "medical", "digits"}  # nfhm_pipeline.stages.prompts.TEMPLATE_SETS
+PROMPT_SETS = tuple(TEMPLATE_SETS)  # declared once, with their templates, in evaluation/prompts.py
 _DATASET_FIELDS = {"reader", "labels", "group", "split", "prompts", "description",
-                   "uncertain_policy", "models", "umap"}
+                   "uncertain_policy", "models", "umap", "seed"}
 _SPLIT_FIELDS = {"test_fraction", "seed", "folds", "grouped", "group_by", "max_group_share",
                  "near_duplicates", "near_duplicate_distance"}
 DEFAULT_UMAP = {"n_neighbors": [5, 15, 50], "min_dist": [0.1, 0.5], "max_points": 3000}
@@ -88,7 +94,8 @@ class DatasetSpec:
     """One labeled image collection.
 
     ``labels`` is the label hierarchy, finest level first (species, genus, family);
-    the first level is what splits are stratified by.
+    the first level is what splits are stratified by. ``findings`` (multi-label readers) are the
+    finding columns; ``seed`` seeds probes, alignment heads and UMAP (``split.seed`` only the split).
     """
 
     name: str
@@ -103,6 +110,19 @@ class DatasetSpec:
     uncertain_policy: str = "ignore"
     models: tuple[str, ...] | None = None  # None: every model of the catalog
     umap: dict = field(default_factory=lambda: dict(DEFAULT_UMAP))  # grid of the embedding maps
+    # Multi-label readers: the finding columns, validated at load (default: the reader's own list,
+    # CheXpert's 14 findings). () for single-label datasets.
+    findings: tuple[str, ...] = ()
+    # Seed of everything random after the split: probes, alignment heads, UMAP. None → split.seed.
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.multilabel and not self.findings:
+            object.__setattr__(self, "findings", READERS[self.reader].default_findings
+                               if self.reader in READERS else ())
+        object.__setattr__(self, "findings", tuple(self.findings))
+        seed = self.split.seed if self.seed is None else self.seed
+        object.__setattr__(self, "seed", _check_seed(seed, f"dataset {self.name!r}"))
 
     @property
     def finest_label(self) -> str:
@@ -367,12 +387,16 @@ def _parse_dataset(name: Any, entry: Any, path: Path, models: dict[str, ModelSpe
     if not isinstance(entry, dict):
         raise CatalogError(f"{where}: entry must be a mapping with at least 'reader' and 'labels'")
     reader = _scalar_choice(entry.get("reader"), READERS, f"{where}: field 'reader'")
-    unknown = set(entry) - _DATASET_FIELDS - READERS[reader]
+    record = READERS[reader]
+    unknown = set(entry) - _DATASET_FIELDS - record.fields
     if unknown:
         raise CatalogError(
             f"{where}: unknown field(s) {_names(unknown)} for reader {reader!r}; "
-            f"allowed: {sorted(_DATASET_FIELDS | READERS[reader])}"
+            f"allowed: {sorted(_DATASET_FIELDS | record.fields)}"
         )
+    absent = sorted(record.required - set(entry))
+    if absent:
+        raise CatalogError(f"{where}: reader {reader!r} needs field(s) {absent}; add them to the entry")
     labels = entry.get("labels")
     if isinstance(labels, str):
         labels = [labels]
@@ -389,28 +413,28 @@ def _parse_dataset(name: Any, entry: Any, path: Path, models: dict[str, ModelSpe
         _check_column_name(group, f"{where}: field 'group'")
         if group in labels:
             raise CatalogError(f"{where}: field 'group' is {group!r}, which is also a label level")
-        if reader not in _GROUP_READERS:
+        if not record.group:
             raise CatalogError(f"{where}: field 'group' is set but reader {reader!r} has no per-image column "
                                "to read it from; use label_csv with group_column, or drop 'group'")
     split = _parse_split(entry.get("split") or {}, where, group)
     if split.group_by is not None:
         _check_column_name(split.group_by, f"{where}: field 'split.group_by'")
-        if reader not in _SPLIT_GROUP_READERS and split.group_by != group:
+        if not record.split_group and split.group_by != group:
+            readers = sorted(r for r, other in READERS.items() if other.split_group)
             raise CatalogError(f"{where}: field 'split.group_by' needs a per-image column, which reader "
-                               f"{reader!r} cannot read; readers with one: {sorted(_SPLIT_GROUP_READERS)}")
-    max_levels = _READER_LEVELS.get(reader)
-    if max_levels is not None and len(labels) > max_levels and "taxonomy" not in entry:
+                               f"{reader!r} cannot read; readers with one: {readers}")
+    if record.levels is not None and len(labels) > record.levels and "taxonomy" not in entry:
+        supplies = f"{record.levels} ({record.levels_from})" if record.levels_from else str(record.levels)
         raise CatalogError(
             f"{where}: field 'labels' lists {len(labels)} levels {labels} but reader {reader!r} supplies only "
-            f"{max_levels} (the folder or class name); add 'taxonomy: <csv with columns {', '.join(labels)}>' "
-            "to look the coarser levels up, or keep one level"
-            if reader == "image_folder" else
-            f"{where}: field 'labels' lists {len(labels)} levels {labels} but reader {reader!r} supplies only one"
+            + (f"{supplies}; add 'taxonomy: <csv with columns {', '.join(labels)}>' to look the coarser levels "
+               "up, or keep one level" if record.takes_taxonomy else f"{supplies}; keep {record.levels}")
         )
     if "delimiter" in entry:
         _scalar_choice(entry["delimiter"], CSV_DELIMITERS, f"{where}: field 'delimiter'")
-    if "underscores_to_spaces" in entry and not isinstance(entry["underscores_to_spaces"], bool):
-        raise CatalogError(f"{where}: field 'underscores_to_spaces' must be true or false")
+    for key in sorted(record.bool_fields & set(entry)):
+        if not isinstance(entry[key], bool):
+            raise CatalogError(f"{where}: field {key!r} must be true or false")
     prompts = _scalar_choice(entry.get("prompts", "generic"), PROMPT_SETS, f"{where}: field 'prompts'")
     policy = _scalar_choice(entry.get("uncertain_policy", "ignore"), UNCERTAIN_POLICIES,
                             f"{where}: field 'uncertain_policy'")
@@ -424,17 +448,17 @@ def _parse_dataset(name: Any, entry: Any, path: Path, models: dict[str, ModelSpe
         if len(set(model_keys)) != len(model_keys):
             raise CatalogError(f"{where}: field 'models' names a model twice: {model_keys}")
         model_keys = tuple(model_keys)
-    for key in READERS[reader] & set(entry):
-        if key not in ("findings", "class_names") and isinstance(entry[key], (list, dict)):
+    for key in sorted((record.fields - record.list_fields) & set(entry)):
+        if isinstance(entry[key], (list, dict)):
             raise CatalogError(f"{where}: field {key!r} must be a single value, got {type(entry[key]).__name__}")
-    if reader == "chexpert_csv":
-        _check_findings(entry.get("findings"), labels, where)
-    params = {k: _expand_paths(k, v, path) for k, v in entry.items() if k in READERS[reader]}
+    findings = _check_findings(entry.get("findings"), record.default_findings, labels, where)
+    seed = _check_seed(entry.get("seed", split.seed), where, "seed" if "seed" in entry else "split.seed")
+    params = {k: _expand_paths(k, v, path, record.path_fields) for k, v in entry.items() if k in record.fields}
     return DatasetSpec(
         name=name, reader=reader, params=params, labels=tuple(labels), group=group, split=split,
         prompts=prompts, description=_text(entry.get("description", ""), f"{where}: field 'description'"),
-        multilabel=reader == "chexpert_csv", uncertain_policy=policy, models=model_keys,
-        umap=_parse_umap(entry.get("umap") or {}, where),
+        multilabel=record.multilabel, uncertain_policy=policy, models=model_keys,
+        umap=_parse_umap(entry.get("umap") or {}, where), findings=findings, seed=seed,
     )
 
 
@@ -450,10 +474,13 @@ def _check_column_name(name: str, where: str) -> None:
                            "characters, no '/', '\\', control characters or leading '.')")
 
 
-def _check_findings(findings: Any, labels: list[str], where: str) -> None:
-    """CheXpert ``findings``, checked at load rather than at the first run."""
+def _check_findings(findings: Any, default: tuple[str, ...], labels: list[str], where: str) -> tuple[str, ...]:
+    """The finding columns of a multi-label reader (``findings``, default the reader's own list),
+    checked at load rather than at the first run; () for single-label readers."""
+    if not default:
+        return ()
     if findings is None:
-        return
+        findings = list(default)
     if not isinstance(findings, list) or not findings or not all(isinstance(f, str) and f.strip() for f in findings):
         raise CatalogError(f"{where}: field 'findings' must be a non-empty list of CSV column names, got {findings!r}")
     if len(set(findings)) != len(findings):
@@ -462,6 +489,14 @@ def _check_findings(findings: Any, labels: list[str], where: str) -> None:
     if clash:
         raise CatalogError(f"{where}: field 'findings' uses reserved manifest column name(s) {clash}; rename the "
                            "CSV column(s) or the dataset's 'labels' entry")
+    return tuple(findings)
+
+
+def _check_seed(seed: Any, where: str, name: str = "seed") -> int:
+    """A seed: an integer ≥ 0 (numpy and scikit-learn refuse negative ones; true/false is no seed)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise CatalogError(f"{where}: field {name!r} must be an integer ≥ 0, got {seed!r}")
+    return seed
 
 
 def _parse_umap(raw: Any, where: str) -> dict:
@@ -491,8 +526,7 @@ def _parse_split(raw: Any, where: str, group: str | None = None) -> SplitSetting
         raise CatalogError(f"{where}: field 'split.test_fraction' must be a number between 0 and 1, got {frac!r}")
     seed = raw.get("seed", 0)
     folds = raw.get("folds", 5)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise CatalogError(f"{where}: field 'split.seed' must be an integer, got {seed!r}")
+    _check_seed(seed, where, "split.seed")
     if not isinstance(folds, int) or isinstance(folds, bool) or not 2 <= folds <= 100:
         raise CatalogError(f"{where}: field 'split.folds' must be an integer from 2 to 100, got {folds!r}")
     grouped = raw.get("grouped", False)
@@ -523,14 +557,13 @@ def _parse_split(raw: Any, where: str, group: str | None = None) -> SplitSetting
                          max_group_share=float(share), near_duplicates=action, near_duplicate_distance=distance)
 
 
-# Reader fields that name files; the model fields that do come from each LoaderRecord.path_fields.
-_PATH_FIELDS = {"csv", "image_root", "root", "npz", "taxonomy"} | {
-    f for record in LOADERS.values() for f in record.path_fields}
+# Model fields that name files (each LoaderRecord.path_fields); a reader's are its ReaderRecord.path_fields.
+_MODEL_PATH_FIELDS = frozenset(f for record in LOADERS.values() for f in record.path_fields)
 
 
-def _expand_paths(key: str, value: Any, catalog_path: Path) -> Any:
+def _expand_paths(key: str, value: Any, catalog_path: Path, path_fields=_MODEL_PATH_FIELDS) -> Any:
     """Expand ``${VAR:-default}`` in path fields and anchor relative paths at the catalog's folder."""
-    if key not in _PATH_FIELDS or not isinstance(value, str) or value.startswith("hf-hub:"):
+    if key not in path_fields or not isinstance(value, str) or value.startswith("hf-hub:"):
         return value
     # An unset variable without a default stays as written, so the file-not-found error shows it.
     expanded = _ENV_REF.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) if m.group(2) is not None

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -124,15 +123,9 @@ class AlignmentHead:
         path = Path(path)
         meta = {"format": _FORMAT, "temperature": repr(float(self.temperature)), "label_names": json.dumps(self.label_names)}
         data = save(self.state_dict(), metadata=meta)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise StorageError(f"{path}: cannot write the alignment head ({exc})") from exc
-        return path
+        from nfhm_pipeline.store.files import write_bytes
+
+        return write_bytes(path, data)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "AlignmentHead":

@@ -115,18 +115,3 @@ def confusion_pairs(y_true, y_pred, top: int = 10) -> pd.DataFrame:
     counts = counts.sort_values(["count", "true", "predicted"], ascending=[False, True, True], kind="stable")
     return counts.head(top).reset_index(drop=True)
 
-
-def confusion_matrix_frame(y_true, y_pred, labels=None) -> pd.DataFrame:
-    """Counts [len(labels), len(labels)]: index = true label, columns = predicted label.
-
-    ``labels`` default: sorted union of y_true and y_pred. Rows whose true or predicted label is
-    not in ``labels`` are left out (scikit-learn's convention).
-    """
-    from sklearn.metrics import confusion_matrix
-
-    y_true, y_pred = _pair(y_true, y_pred)
-    labels = np.unique(np.concatenate([y_true, y_pred])) if labels is None else np.asarray(labels)
-    matrix = confusion_matrix(y_true, y_pred, labels=labels)
-    return pd.DataFrame(
-        matrix, index=pd.Index(labels, name="true"), columns=pd.Index(labels, name="predicted")
-    )

@@ -31,9 +31,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from nfhm_pipeline.errors import EvaluationError
+from nfhm_pipeline.evaluation.names import (KNN_L2_RULES, KNN_RULES, MEAN_COSINE, MEAN_EUCLIDEAN,
+                                           MEAN_EUCLIDEAN_L2, TOP1_COSINE, TOP1_EUCLIDEAN, TOP1_EUCLIDEAN_L2)
 
-RULES = ("top1_cosine", "mean_cosine", "top1_euclidean", "mean_euclidean")
-L2_RULES = ("top1_euclidean_l2", "mean_euclidean_l2")
+RULES = KNN_RULES  # the names are declared in evaluation.names
+L2_RULES = KNN_L2_RULES
 _U = 2.0**-24  # unit roundoff of float32
 
 
@@ -200,8 +202,8 @@ def _rank_classes_fp32(train, train_labels, test, ks, variants, block_size, devi
     S_buf = torch.empty(block_size, n_train, dtype=torch.float32, device=dev)
     E_buf = torch.empty_like(S_buf)
 
-    rules = ["top1_cosine", "mean_cosine"]
-    rules += [r for v in variants for r in (("top1_euclidean", "mean_euclidean") if v == "raw" else L2_RULES)]
+    rules = [TOP1_COSINE, MEAN_COSINE]
+    rules += [r for v in variants for r in ((TOP1_EUCLIDEAN, MEAN_EUCLIDEAN) if v == "raw" else L2_RULES)]
     rankings = {r: np.empty((Q.shape[0], k), dtype=np.int64) for r in rules}
     n_exact = dict.fromkeys(rules, 0)
 
@@ -232,10 +234,10 @@ def _rank_classes_fp32(train, train_labels, test, ks, variants, block_size, devi
             return S[f] / qn_t[f]
 
         best_cos = segment(S, "max") / qn
-        settle("top1_cosine", rows, best_cos, eps_cos, cosines)
+        settle(TOP1_COSINE, rows, best_cos, eps_cos, cosines)
         if "l2" in variants:  # unit vectors' distance falls as their cosine rises: same float32 order
-            settle("top1_euclidean_l2", rows, best_cos, eps_cos, cosines)
-        settle("mean_cosine", rows, ((q / qn_t.float()) @ centroids.T).cpu().numpy(), eps_cos)
+            settle(TOP1_EUCLIDEAN_L2, rows, best_cos, eps_cos, cosines)
+        settle(MEAN_COSINE, rows, ((q / qn_t.float()) @ centroids.T).cpu().numpy(), eps_cos)
         E = E_buf[: len(rows)]
         if "raw" in variants:
             # |t|^2 - 2|t| (|q| cos); the row constant |q|^2 and the clamp at 0 (as the reference
@@ -243,14 +245,14 @@ def _rank_classes_fp32(train, train_labels, test, ks, variants, block_size, devi
             torch.addcmul(tt, S, tn, value=-2, out=E)
             min_d2 = np.maximum(segment(E, "min") + qn**2, 0)
             e2 = 2 * qn * class_tmax * eps_cos + 12 * _U * (qn + class_tmax) ** 2
-            settle("top1_euclidean", rows, -min_d2, e2, lambda f: -(E[f] + qn_t[f] ** 2).clamp_(min=0))
+            settle(TOP1_EUCLIDEAN, rows, -min_d2, e2, lambda f: -(E[f] + qn_t[f] ** 2).clamp_(min=0))
             mean_d = segment(E.add_(qn_t.float() ** 2).clamp_(min=0).sqrt_(), "sum") / counts
-            settle("mean_euclidean", rows, -mean_d, _distance_error(min_d2, e2) + eps_rel_mean * mean_d)
+            settle(MEAN_EUCLIDEAN, rows, -mean_d, _distance_error(min_d2, e2) + eps_rel_mean * mean_d)
         if "l2" in variants:
             mean_d = segment(torch.mul(S, -2 / qn_t.float(), out=E).add_(2).clamp_(min=0).sqrt_(), "sum") / counts
             e2 = 2 * eps_cos + 48 * _U
             err = _distance_error(np.maximum(2 - 2 * best_cos, 0), e2) + eps_rel_mean * mean_d
-            settle("mean_euclidean_l2", rows, -mean_d, err)
+            settle(MEAN_EUCLIDEAN_L2, rows, -mean_d, err)
     return ClassRanking(classes=classes, rankings=rankings, ks=ks, n_exact_rows=n_exact)
 
 
@@ -375,7 +377,7 @@ class _Exact:
         """Rank candidate classes by their mean score over all their train vectors (ties: sorted
         label order)."""
         r, c = np.nonzero(mask)  # by row, classes ascending
-        if rule == "mean_cosine":
+        if rule == MEAN_COSINE:
             q = self.Q[rows[r]].astype(np.float64)
             centroids = np.stack([self.centroid(ci) for ci in c])
             score = (q * centroids).sum(axis=1) / np.sqrt(self.qq[rows[r]])

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from nfhm_pipeline.errors import EvaluationError
+from nfhm_pipeline.evaluation.names import PROBE_METRICS
 from nfhm_pipeline.evaluation.splits import assign_cv_folds, make_split
 
 Classifier = Literal["linear_svc", "logistic"]
@@ -56,7 +57,7 @@ class ProbeResult:
         """Long table (metric, value, std, n) matching the warehouse ``metrics`` columns."""
         return pd.DataFrame(
             {
-                "metric": ["cv_accuracy", "cv_macro_f1", "test_accuracy", "test_macro_f1"],
+                "metric": list(PROBE_METRICS),  # cv_accuracy, cv_macro_f1, test_accuracy, test_macro_f1
                 "value": [self.cv_accuracy_mean, self.cv_macro_f1_mean, self.test_accuracy, self.test_macro_f1],
                 "std": [self.cv_accuracy_std, self.cv_macro_f1_std, np.nan, np.nan],
                 "n": [self.n_train, self.n_train, self.n_test, self.n_test],

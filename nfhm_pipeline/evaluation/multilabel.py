@@ -18,6 +18,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from nfhm_pipeline.errors import EvaluationError
+from nfhm_pipeline.evaluation.names import MACRO_AUC, MICRO_AUC, N_LABELS_DEFINED
 
 _NO_FINDING_PROMPTS = ("chest x-ray with no findings", "chest x-ray with abnormal findings")
 
@@ -81,9 +82,9 @@ def macro_micro_auc(y, mask, scores) -> dict[str, float]:
     if 0 < pooled_y.sum() < len(pooled_y):
         micro = float(roc_auc_score(pooled_y, pooled_s))
     return {
-        "macro_auc": float(defined.mean()) if len(defined) else np.nan,
-        "micro_auc": micro,
-        "n_labels_defined": int(len(defined)),
+        MACRO_AUC: float(defined.mean()) if len(defined) else np.nan,
+        MICRO_AUC: micro,
+        N_LABELS_DEFINED: int(len(defined)),
     }
 
 
@@ -146,11 +147,22 @@ def _unit(a) -> np.ndarray:
     return a / norm
 
 
-def _zero_shot_margin(image_emb, pos_text_emb, neg_text_emb, temperature: float) -> np.ndarray:
+def cosine_margin(image_emb, pos_text_emb, neg_text_emb) -> np.ndarray:
+    """cos(image, positive prompt) - cos(image, negative prompt), float64 [N, F].
+
+    image_emb [N, D]; pos_text_emb, neg_text_emb [F, D] (any scale: L2-normalised here; a zero or
+    non-finite vector is an EvaluationError). The zero-shot P(positive) = sigmoid(T * margin) with
+    one T for every label, so the margin ranks images exactly as the probability does, also when
+    pooled across labels (micro AUC), and without the ties a saturated sigmoid would create.
+    """
     v, p, n = _unit(image_emb), _unit(pos_text_emb), _unit(neg_text_emb)
     if p.shape != n.shape or v.shape[1] != p.shape[1]:
         raise EvaluationError(f"image {v.shape}, positive {p.shape} and negative {n.shape} prompt embeddings do not fit")
-    return temperature * (v @ p.T - v @ n.T)
+    return v @ p.T - v @ n.T
+
+
+def _zero_shot_margin(image_emb, pos_text_emb, neg_text_emb, temperature: float) -> np.ndarray:
+    return temperature * cosine_margin(image_emb, pos_text_emb, neg_text_emb)
 
 
 def zero_shot_scores(image_emb, pos_text_emb, neg_text_emb, temperature: float = 100.0) -> np.ndarray:

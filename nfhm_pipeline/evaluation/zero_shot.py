@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from nfhm_pipeline.errors import EvaluationError
+from nfhm_pipeline.evaluation.names import ENSEMBLE, IMAGE_TO_TEXT, PRECISION, RECALL, SINGLE_TEMPLATE, TEXT_TO_IMAGE
 
 DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}.",
@@ -59,16 +60,6 @@ PRECISION_CONVENTION = "fraction of top-K candidates sharing the query label, me
 RECALL_CONVENTION = "CLIP_benchmark: hit if any candidate sharing the query label is in top-K, mean over queries"
 _CHUNK = 1024  # query rows scored at a time, bounds memory to CHUNK x n_candidates floats
 _DECIMALS = 12  # cosine scores are compared at this precision
-
-
-def build_prompts(class_names: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> list[list[str]]:
-    """Prompts [n_classes][n_templates]: each template's single ``{}`` replaced by the class name."""
-    if len(class_names) == 0 or len(templates) == 0:
-        raise EvaluationError(f"Need at least one class name and one template, got {len(class_names)} and {len(templates)}.")
-    bad = [t for t in templates if t.count("{}") != 1]
-    if bad:
-        raise EvaluationError(f"Each template must contain '{{}}' exactly once; these do not: {bad}.")
-    return [[t.replace("{}", str(name)) for t in templates] for name in class_names]
 
 
 def ensemble_class_embeddings(text_emb: np.ndarray) -> np.ndarray:
@@ -117,7 +108,7 @@ def zero_shot_accuracy(
         raise EvaluationError(f"image_labels must lie in 0..{n_classes - 1} (one per text class); got {labels.min()}..{labels.max()}.")
     scored = _scored_rows(no_prediction, len(labels))
     rows = []
-    for prompting, classes in (("single_template", single), ("ensemble", ensemble)):
+    for prompting, classes in ((SINGLE_TEMPLATE, single), (ENSEMBLE, ensemble)):
         if scored is None:
             ranking = zero_shot_predict(image_emb, classes, k=max(ks))
         else:  # rows without a prediction rank nothing (-1 is never a class index)
@@ -161,14 +152,14 @@ def retrieval_metrics(
         raise EvaluationError(f"Every K must be at least 1, got {list(ks)}.")
     rows = []
     for direction, q, q_lab, c, c_lab in (
-        ("image_to_text", images, image_labels, texts, text_labels),
-        ("text_to_image", texts, text_labels, images, image_labels),
+        (IMAGE_TO_TEXT, images, image_labels, texts, text_labels),
+        (TEXT_TO_IMAGE, texts, text_labels, images, image_labels),
     ):
         hits = c_lab[_top_k(q, c, max(ks))] == q_lab[:, None]
         for k in ks:
             ke = min(k, len(c))
-            rows.append((direction, k, ke, "precision", float(hits[:, :ke].mean(axis=1).mean()), PRECISION_CONVENTION))
-            rows.append((direction, k, ke, "recall", float(hits[:, :ke].any(axis=1).mean()), RECALL_CONVENTION))
+            rows.append((direction, k, ke, PRECISION, float(hits[:, :ke].mean(axis=1).mean()), PRECISION_CONVENTION))
+            rows.append((direction, k, ke, RECALL, float(hits[:, :ke].any(axis=1).mean()), RECALL_CONVENTION))
     return pd.DataFrame(rows, columns=["direction", "k", "k_effective", "metric", "value", "convention"])
 
 
@@ -205,8 +196,8 @@ def _retrieval_with_misses(image_emb, image_labels, text_emb, text_labels, ks, s
     n_missed = int((~scored).sum())
     rows = []
     for direction, q, q_lab, c, c_lab, missed in (
-        ("image_to_text", images, scored_labels, texts, text_labels, n_missed),
-        ("text_to_image", texts, text_labels, images, scored_labels, 0),
+        (IMAGE_TO_TEXT, images, scored_labels, texts, text_labels, n_missed),
+        (TEXT_TO_IMAGE, texts, text_labels, images, scored_labels, 0),
     ):
         hits = c_lab[_top_k(q, c, max(ks))] == q_lab[:, None]
         for k in ks:
@@ -214,8 +205,8 @@ def _retrieval_with_misses(image_emb, image_labels, text_emb, text_labels, ks, s
             # a query without a prediction adds a row of misses
             precision = np.concatenate([hits[:, :ke].mean(axis=1), np.zeros(missed)]).mean()
             recall = np.concatenate([hits[:, :ke].any(axis=1), np.zeros(missed, bool)]).mean()
-            rows.append((direction, k, ke, "precision", float(precision), PRECISION_CONVENTION))
-            rows.append((direction, k, ke, "recall", float(recall), RECALL_CONVENTION))
+            rows.append((direction, k, ke, PRECISION, float(precision), PRECISION_CONVENTION))
+            rows.append((direction, k, ke, RECALL, float(recall), RECALL_CONVENTION))
     return pd.DataFrame(rows, columns=["direction", "k", "k_effective", "metric", "value", "convention"])
 
 

@@ -165,3 +165,85 @@ def binary_targets_from_labels(
     y = np.zeros((len(labels), len(classes)), dtype=np.int8)
     y[np.arange(len(labels)), [index[v] for v in labels.tolist()]] = 1
     return y, np.ones_like(y, dtype=bool), classes
+
+
+# --- CheXpert CSV → manifest candidates ----------------------------------------------------------
+
+NO_POSITIVE_STRATUM = "none"
+RARE_STRATUM = "other"
+_FINDING_VALUES = {"1": 1.0, "0": 0.0, "-1": -1.0}
+
+
+def first_positive_strata(values: np.ndarray, findings: Sequence[str]) -> list[str]:
+    """A stratum per image for the split: the first finding (catalog order) marked 1.0, else
+    ``'none'``. Strata holding one image are merged into ``'other'``; if ``'other'`` then holds one
+    image it joins the most frequent stratum (ties: the name that sorts first). Uncertain labels
+    do not count, so the split does not depend on the uncertain-label policy.
+
+    values float [N, F] in {1, 0, -1, NaN}. Returns N strings.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    strata = []
+    for row in values:
+        hits = np.flatnonzero(row == 1.0)
+        strata.append(str(findings[hits[0]]) if len(hits) else NO_POSITIVE_STRATUM)
+    counts = pd.Series(strata).value_counts()
+    strata = [RARE_STRATUM if counts[s] == 1 else s for s in strata]
+    counts = pd.Series(strata).value_counts()
+    if counts.get(RARE_STRATUM, 0) == 1:
+        largest = counts.drop(RARE_STRATUM)
+        if len(largest):
+            top = sorted(largest[largest == largest.max()].index)[0]
+            strata = [top if s == RARE_STRATUM else s for s in strata]
+    return strata
+
+
+def chexpert_candidates(
+    csv_path, *, label_columns: Sequence[str], findings: Sequence[str] | None = None, path_column: str = "Path",
+    image_root=None, group_column: str | None = None,
+) -> pd.DataFrame:
+    """Candidates (see ``nfhm_pipeline.ingest.readers``) from a CheXpert-style CSV.
+
+    ``label_columns`` must be one name: that column holds `first_positive_strata` (the split is
+    stratified by it). Each finding becomes a column of strings ``'1'``, ``'0'``, ``'-1'`` or None
+    (empty), which ``validate_images`` keeps as they are. ``group_column`` (e.g. a patient id)
+    is read from the same CSV. ``source_row`` is the CSV line (header = line 1).
+    """
+    label_columns = list(label_columns)
+    if len(label_columns) != 1:
+        raise ManifestError(f"{csv_path}: a chexpert_csv dataset takes one entry in 'labels' (the derived "
+                            f"stratum column, e.g. [label]), got {label_columns}")
+    findings = list(CHEXPERT_FINDINGS if findings is None else findings)
+    rows = read_chexpert_csv(csv_path, path_column=path_column, findings=findings, image_root=image_root)
+    values = rows[findings].to_numpy(dtype=np.float64)
+    out = pd.DataFrame({"uri": rows["uri"], label_columns[0]: first_positive_strata(values, findings)})
+    for j, name in enumerate(findings):
+        out[name] = [None if np.isnan(v) else str(int(v)) for v in values[:, j]]
+    out["group"] = None
+    if group_column:
+        raw = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        if group_column not in raw.columns:
+            raise ManifestError(f"{csv_path}: group column {group_column!r} is missing (columns present: "
+                                f"{', '.join(raw.columns)}); fix the dataset's 'group' field")
+        out["group"] = [g.strip() or None for g in raw[group_column]]
+    out["official_split"] = None
+    out["source_row"] = rows["source_row"].to_numpy() + 1
+    out["reject_reason"] = None
+    return out
+
+
+def parse_finding_values(frame: pd.DataFrame, findings: Sequence[str]) -> np.ndarray:
+    """Manifest finding columns (strings '1', '0', '-1', null) → float64 [N, F] in {1, 0, -1, NaN}."""
+    out = np.full((len(frame), len(findings)), np.nan)
+    for j, name in enumerate(findings):
+        if name not in frame.columns:
+            raise ManifestError(f"manifest has no finding column {name!r}: materialize image_manifest again "
+                                "(the catalog's findings changed since)")
+        column = frame[name].astype(object)
+        bad = ~(column.isna() | column.isin(list(_FINDING_VALUES)))
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise ManifestError(f"manifest row {i}, finding {name!r}: value {column.iloc[i]!r} is not '1', '0', "
+                                "'-1' or empty; materialize image_manifest again")
+        out[:, j] = column.map(_FINDING_VALUES).to_numpy(dtype=np.float64, na_value=np.nan)
+    return out

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -53,23 +52,17 @@ REJECTED_COLUMNS = ["uri", "source_row", "reason", "detail"]
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, skip_if_identical: bool = True) -> bool:
-    """Write `data` to `path` via a temp file in the same folder + os.replace.
+    """Write `data` to `path` atomically (:func:`nfhm_pipeline.store.files.write_bytes`).
 
     Returns False (and touches nothing) when `skip_if_identical` and the file already holds exactly
     `data`, so regenerating a collection is cheap and keeps file times; True when it wrote.
+    Raises StorageError naming `path` when it cannot be written.
     """
-    path = Path(path)
-    if skip_if_identical and path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+    from nfhm_pipeline.store import files
+
+    if skip_if_identical and files.is_identical(path, data):
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    files.write_bytes(path, data)
     return True
 
 

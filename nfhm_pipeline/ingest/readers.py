@@ -9,14 +9,16 @@ position in a folder listing, or the position in an .npz), `reject_reason` (None
 CSV files are read as UTF-8 (a BOM is accepted). Any other encoding raises ManifestError asking to
 re-save the file as UTF-8: guessing latin-1 would silently turn accented species names into
 mojibake labels that then look like separate classes.
+
+Which catalog ``reader:`` value uses which function is declared in ``ingest.registry.READERS``
+(with `read_source`, the dispatcher).
 """
 from __future__ import annotations
 
-import inspect
 import os
 import re
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -398,29 +400,3 @@ def _read_sklearn_digits(out_dir, *, label_column: str = "label") -> pd.DataFram
     from nfhm_pipeline.ingest.demo import generate_digits_collection
 
     return read_image_folder(generate_digits_collection(out_dir), label_column=label_column)
-
-
-SOURCE_READERS: dict[str, Callable[..., pd.DataFrame]] = {
-    "vlm4bio_csv": read_vlm4bio_csv,
-    "label_csv": read_label_csv,
-    "image_folder": read_image_folder,
-    "medmnist_npz": read_medmnist_npz,
-    "demo_shapes": _read_demo_shapes,
-    "sklearn_digits": _read_sklearn_digits,
-}
-
-
-def read_source(kind: str, **params) -> pd.DataFrame:
-    """Dispatch to the reader for `kind` (a key of SOURCE_READERS) with `params` as its arguments.
-    demo_shapes takes out_dir, seed, images_per_species, size, label_columns; sklearn_digits takes
-    out_dir, label_column; both generate their collection into out_dir first."""
-    if kind not in SOURCE_READERS:
-        raise ManifestError(f"unknown source kind {kind!r}; known kinds: {', '.join(SOURCE_READERS)}.")
-    reader = SOURCE_READERS[kind]
-    signature = inspect.signature(reader)
-    try:
-        signature.bind(**params)
-    except TypeError as e:
-        raise ManifestError(f"source kind {kind!r}: bad parameters {sorted(params)} ({e}); "
-                            f"it takes {', '.join(signature.parameters)}.") from e
-    return reader(**params)

@@ -3,20 +3,19 @@
 Every file or folder name built from a catalog value (dataset, model and level names) goes through
 :func:`safe_name`, and every path through :func:`inside`, so no name reaches outside the report
 folder: a level named ``../../x`` becomes a plain file name, and a path that would still resolve
-elsewhere (a symlink planted inside the folder) is refused. Writes are atomic (temp file + rename)
-and any OS error, a full disk included, becomes a StorageError naming the path.
+elsewhere (a symlink planted inside the folder) is refused. Writes are atomic (temp file + rename,
+:mod:`nfhm_pipeline.store.files`) and any OS error, a full disk included, becomes a StorageError
+naming the path.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import re
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from nfhm_pipeline.errors import StorageError
+from nfhm_pipeline.store.files import atomic_path, cannot_write
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _SUFFIX = re.compile(r"^(.+?)(\.[A-Za-z0-9]{1,5})$")
@@ -63,40 +62,10 @@ def ensure_dir(path: str | os.PathLike) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise StorageError(_cannot_write(path, exc)) from exc
+        raise StorageError(cannot_write(path, exc)) from None
     return path
 
 
-def _cannot_write(path: Path, exc: OSError) -> str:
-    reason = exc.strerror or str(exc)
-    return (f"cannot write {path}: {reason}. Check that the folder is writable and has free space "
-            "(or point NFHM_DATA_DIR at another folder)")
-
-
-@contextmanager
-def atomic_target(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; on success it replaces ``path``, on error it is removed.
-
-    An OSError while creating, writing or renaming (ENOSPC, EFBIG, a parent that is a file) is
-    raised as StorageError naming ``path``; the previous file, if any, is left as it was.
-    """
-    path = Path(path)
-    ensure_dir(path.parent)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise StorageError(_cannot_write(path, exc)) from exc
-    os.close(fd)
-    try:
-        try:
-            yield Path(tmp)
-            # mkstemp creates 0600 files; reports are meant to be opened and shared like any output.
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise StorageError(_cannot_write(path, exc)) from exc
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+# Yield a temp path beside ``path``; on success it replaces ``path``, on error it is removed; an
+# OSError is a StorageError naming ``path`` (the one writer: :func:`nfhm_pipeline.store.files.atomic_path`).
+atomic_target = atomic_path

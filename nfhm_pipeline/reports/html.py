@@ -12,7 +12,7 @@ from typing import Mapping
 import pandas as pd
 
 from nfhm_pipeline.errors import StorageError
-from nfhm_pipeline.reports.files import atomic_target
+from nfhm_pipeline.store.files import atomic_path
 
 _MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
 
@@ -128,6 +128,6 @@ def write_html_report(
             parts += [_image_tag(name, Path(p)) for name, p in members.items()]
     parts.append("</body></html>\n")
     path = Path(path)
-    with atomic_target(path) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_text("\n".join(parts), encoding="utf-8")
     return path

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from nfhm_pipeline.errors import EvaluationError, StorageError
-from nfhm_pipeline.reports.files import atomic_target
+from nfhm_pipeline.store.files import atomic_path
 
 METRIC_KEYS = ["dataset", "model", "task", "level", "grp", "metric"]
 
@@ -437,13 +437,13 @@ def save_png(fig, path: str | os.PathLike, dpi: int = 110, *, svg: bool = False)
     last reference. Raises StorageError naming the file when it cannot be written.
     """
     path = Path(path)
-    with atomic_target(path) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
     if svg:
         from matplotlib import rc_context
 
         # fonttype 'none': titles and labels stay text in the SVG (editable, searchable)
-        with atomic_target(path.with_suffix(".svg")) as tmp, rc_context({"svg.fonttype": "none"}):
+        with atomic_path(path.with_suffix(".svg")) as tmp, rc_context({"svg.fonttype": "none"}):
             fig.savefig(tmp, format="svg")
     return path
 

@@ -9,9 +9,10 @@ import numpy as np
 import pandas as pd
 
 from nfhm_pipeline.errors import EvaluationError
+from nfhm_pipeline.evaluation.names import (CV_ACCURACY, KNN, KNN_RULES, LINEAR_PROBE, MEAN_COSINE, TEST_ACCURACY,
+                                           TOP1_COSINE)
 from nfhm_pipeline.reports.plots import rule_title, select_rows
 
-KNN_RULES = ("top1_cosine", "mean_cosine", "top1_euclidean", "mean_euclidean")
 RUN_COLUMNS = ["dataset", "model", "new", "seconds", "images_per_s", "device", "finished_at"]
 
 
@@ -46,11 +47,6 @@ def _all_group_values(metrics: pd.DataFrame, task: str, names) -> pd.DataFrame:
     return wide.reindex(columns=list(names))
 
 
-# The headline linear-probe metrics the evaluation stage writes (stages.evaluation.probe_tables).
-PROBE_TASK = "linear_probe"
-PROBE_CV_METRIC = "cv_accuracy"
-PROBE_TEST_METRIC = "test_accuracy"
-
 
 def rank_models(metrics: pd.DataFrame, *, level: str | None = None) -> pd.DataFrame:
     """Models ranked per (dataset, level) by whole-dataset (grp 'all') k-NN top1_cosine.
@@ -61,12 +57,13 @@ def rank_models(metrics: pd.DataFrame, *, level: str | None = None) -> pd.DataFr
     result exists. Ties share the best rank (1, 1, 3) and are listed by mean_cosine, then model
     name; models without top1_cosine come last with rank <NA>. Values are fractions.
     """
-    knn = _all_group_values(metrics, "knn", ("top1_cosine", "mean_cosine"))
-    probe = select_rows(metrics, task=PROBE_TASK, grp="all", metric=[PROBE_CV_METRIC, PROBE_TEST_METRIC])
+    knn = _all_group_values(metrics, KNN, (TOP1_COSINE, MEAN_COSINE))
+    # the probe metrics evaluation.tables.probe_tables writes
+    probe = select_rows(metrics, task=LINEAR_PROBE, grp="all", metric=[CV_ACCURACY, TEST_ACCURACY])
     if not probe.empty:
         keys = ["dataset", "level", "model"]
-        cv = probe[probe["metric"] == PROBE_CV_METRIC].set_index(keys)
-        test = probe[probe["metric"] == PROBE_TEST_METRIC].set_index(keys)
+        cv = probe[probe["metric"] == CV_ACCURACY].set_index(keys)
+        test = probe[probe["metric"] == TEST_ACCURACY].set_index(keys)
         std = cv["std"] if "std" in cv.columns else pd.Series(np.nan, index=cv.index)
         joined = pd.DataFrame({"probe_cv_accuracy": cv["value"], "probe_cv_std": std}).join(
             test["value"].rename("probe_test_accuracy"), how="outer")
@@ -77,9 +74,9 @@ def rank_models(metrics: pd.DataFrame, *, level: str | None = None) -> pd.DataFr
         if table.empty:
             raise EvaluationError(f"no k-NN metrics for level {level!r}; levels present: "
                                   f"{sorted(knn.index.get_level_values('level').unique())}")
-    table = table.sort_values(["dataset", "level", "top1_cosine", "mean_cosine", "model"],
+    table = table.sort_values(["dataset", "level", TOP1_COSINE, MEAN_COSINE, "model"],
                               ascending=[True, True, False, False, True], na_position="last")
-    table["rank"] = (table.groupby(["dataset", "level"])["top1_cosine"]
+    table["rank"] = (table.groupby(["dataset", "level"])[TOP1_COSINE]
                      .rank(method="min", ascending=False).astype("Int64"))
     first = ["dataset", "level", "rank", "model"]
     table = table[first + [c for c in table.columns if c not in first]]
@@ -154,13 +151,13 @@ def reading_notes(metrics: pd.DataFrame, baselines: pd.DataFrame | None) -> list
     """Sentences on numbers that mislead without context: levels where the mean rules collapse
     (uneven classes: the mean rule favours compact classes) and levels where every model is close
     to the majority-class baseline."""
-    knn = _all_group_values(metrics, "knn", KNN_RULES)
+    knn = _all_group_values(metrics, KNN, KNN_RULES)
     base = (baselines[baselines["grp"] == "all"].set_index("level")
             if baselines is not None and len(baselines) else pd.DataFrame())
     notes = []
     for level, frame in knn.groupby(level="level", sort=True):
         frame = frame.droplevel(["dataset", "level"])
-        gap = (frame["top1_cosine"] - frame["mean_cosine"]).dropna()
+        gap = (frame[TOP1_COSINE] - frame[MEAN_COSINE]).dropna()
         row = base.loc[level] if level in base.index else None
         uneven = row is not None and row["smallest_class"] > 0 and \
             row["largest_class"] / row["smallest_class"] >= UNEVEN_CLASS_RATIO
@@ -170,12 +167,12 @@ def reading_notes(metrics: pd.DataFrame, baselines: pd.DataFrame | None) -> list
                      f"{int(row['largest_class'])} training images)") if row is not None else ""
             notes.append(
                 f"**{level}: the mean rules score far below top-1** ({model}: mean cosine "
-                f"{_pct(frame.loc[model, 'mean_cosine'])} beside top-1 cosine {_pct(frame.loc[model, 'top1_cosine'])})."
+                f"{_pct(frame.loc[model, MEAN_COSINE])} beside top-1 cosine {_pct(frame.loc[model, TOP1_COSINE])})."
                 f" The mean rule answers the class whose training images are on average most similar; a broad class"
                 f" of varied members{sizes} has a low average similarity even to its own images, so compact classes"
                 " win. The seed's rule is kept as defined; at such a level read the top-1 rules.")
         if row is not None and pd.notna(row["majority"]):
-            best = frame["top1_cosine"].max()
+            best = frame[TOP1_COSINE].max()
             if pd.notna(best) and best - row["majority"] <= NEAR_MAJORITY:
                 notes.append(
                     f"**{level}: every model is within {100 * NEAR_MAJORITY:.0f} points of the majority-class "
@@ -272,7 +269,7 @@ def markdown_summary(metrics: pd.DataFrame, embedding_runs: pd.DataFrame, datase
         parts += ["### Split", "\n".join(split_facts(split_summary, rejected))]
     base = (baselines[baselines["grp"] == "all"].set_index("level")
             if baselines is not None and len(baselines) else pd.DataFrame())
-    knn = _all_group_values(metrics, "knn", KNN_RULES)
+    knn = _all_group_values(metrics, KNN, KNN_RULES)
     notes = reading_notes(metrics, baselines) if not knn.empty else []
     if baselines is not None and len(baselines):
         skipped = skipped_groups(baselines)
@@ -306,8 +303,8 @@ def markdown_summary(metrics: pd.DataFrame, embedding_runs: pd.DataFrame, datase
             header += ["linear probe, CV (mean ± std)", "linear probe, test"] if has_probe else []
             body = []
             for _, r in frame.iterrows():
-                cells = [("—" if pd.isna(r["rank"]) else int(r["rank"])), r["model"], _pct(r["top1_cosine"]),
-                         _pct(r["mean_cosine"])]
+                cells = [("—" if pd.isna(r["rank"]) else int(r["rank"])), r["model"], _pct(r[TOP1_COSINE]),
+                         _pct(r[MEAN_COSINE])]
                 if has_probe:
                     cells += [_mean_std_pct(r["probe_cv_accuracy"], r["probe_cv_std"]), _pct(r["probe_test_accuracy"])]
                 body.append(cells)

@@ -14,7 +14,6 @@ redoing them.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 import uuid
@@ -27,8 +26,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from nfhm_pipeline.errors import StorageError
+from nfhm_pipeline.store.files import write_parquet_table
 from nfhm_pipeline.store.remote import redact
 from nfhm_pipeline.store.schemas import EMBEDDING_FINGERPRINT_KEY, embedding_schema
+
+_LAKE_HINT = "check that the data folder (or storage root) is writable and has free space"
 
 
 @dataclass
@@ -47,7 +49,8 @@ class EmbeddingTable:
 
 @dataclass
 class EmbedReport:
-    """What one incremental run did; counts are images."""
+    """What one incremental run did; counts are images. ``table`` is the table the run left in
+    the lake, as :meth:`EmbeddingStore.read` would return it right after (no re-read needed)."""
 
     total: int
     new: int
@@ -59,6 +62,7 @@ class EmbedReport:
     fingerprint: str
     dim: int
     path: str
+    table: EmbeddingTable | None = None
 
     @property
     def images_per_s(self) -> float:
@@ -150,7 +154,7 @@ class EmbeddingStore:
             self._drop_checkpoints(dataset, model)
             return EmbedReport(total=len(wanted), new=0, reused=len(wanted), removed=0, resumed=0,
                                seconds=time.perf_counter() - start, embed_seconds=0.0, fingerprint=fingerprint,
-                               dim=existing.dim, path=self.table_path(dataset, model))
+                               dim=existing.dim, path=self.table_path(dataset, model), table=existing)
         known: dict[str, np.ndarray] = {}
         removed = 0
         if existing is not None:
@@ -203,13 +207,14 @@ class EmbeddingStore:
             vectors = np.stack([known[iid] for iid in wanted]).astype(np.float32, copy=False)
         else:
             vectors = np.zeros((0, dim or 0), dtype=np.float32)
-        final = EmbeddingTable(np.array(wanted, dtype=object), vectors, fingerprint)
+        # str(): ids as the lake gives them back (Python str, not numpy.str_)
+        final = EmbeddingTable(np.array([str(iid) for iid in wanted], dtype=object), vectors, fingerprint)
         path = self.write(dataset, model, final)
         self._drop_checkpoints(dataset, model)
         return EmbedReport(
             total=len(wanted), new=len(wanted) - reused - resumed, reused=reused, removed=removed,
             resumed=resumed, seconds=time.perf_counter() - start, embed_seconds=embed_seconds,
-            fingerprint=fingerprint, dim=final.dim, path=path,
+            fingerprint=fingerprint, dim=final.dim, path=path, table=final,
         )
 
     def _checkpoint_parts(self, ckpt_dir: str) -> list[str]:
@@ -240,10 +245,8 @@ def _read_parquet(fs: pafs.FileSystem, path: str) -> EmbeddingTable:
 
 
 def _write_parquet(fs: pafs.FileSystem, path: str, table: EmbeddingTable, model: str) -> None:
-    """Write to a temporary name, then rename: a reader never sees a half-written file.
-
-    On object stores a single PUT is already atomic, so the file is written in place.
-    """
+    """Write ``table`` through :func:`~nfhm_pipeline.store.files.write_parquet_table`: a reader never
+    sees a half-written file (temp file + rename locally, one PUT on object storage)."""
     vectors = np.ascontiguousarray(table.vectors, dtype=np.float32)
     n, dim = vectors.shape
     schema = embedding_schema(dim, table.fingerprint, model)
@@ -252,19 +255,4 @@ def _write_parquet(fs: pafs.FileSystem, path: str, table: EmbeddingTable, model:
         [pa.array(list(table.image_ids), type=pa.string()), pa.FixedSizeListArray.from_arrays(flat, dim)],
         schema=schema,
     )
-    parent = path.rsplit("/", 1)[0]
-    tmp = None
-    try:
-        fs.create_dir(parent, recursive=True)
-        if isinstance(fs, pafs.LocalFileSystem):
-            tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
-            pq.write_table(arrow, tmp, filesystem=fs)
-            os.replace(tmp, path)
-        else:
-            pq.write_table(arrow, path, filesystem=fs)
-    except OSError as exc:
-        if tmp is not None:  # a full disk leaves a partial temp file behind
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-        raise StorageError(f"cannot write {path}: {exc}; check that the data folder is writable and "
-                           "has free space") from None
+    write_parquet_table(arrow, path, fs, hint=_LAKE_HINT)

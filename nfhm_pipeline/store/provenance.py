@@ -8,6 +8,8 @@ new images), rows of models that were not re-run keep the old id: comparisons, r
 """
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -52,3 +54,79 @@ def stale_models(path: str | Path, dataset: str) -> list[str]:
 def _has_table(path: str | Path, table: str) -> bool:
     frame = warehouse.query(path, "SELECT count(*) AS n FROM information_schema.tables WHERE table_name = ?", [table])
     return bool(frame["n"].iloc[0])
+
+
+# --- what a result was computed with (table ``runs``) ----------------------------------------------
+
+_PACKAGES = {"project_version": "nfhm_pipeline", "torch_version": "torch", "open_clip_version": "open_clip_torch",
+             "transformers_version": "transformers", "sklearn_version": "scikit-learn",
+             "dagster_version": "dagster", "numpy_version": "numpy"}
+
+
+@functools.lru_cache(maxsize=None)
+def _versions() -> tuple[tuple[str, str | None], ...]:
+    # importlib.metadata reads the installed distributions without importing them (no dagster
+    # import in the library, no torch import just to learn its version).
+    from importlib import metadata
+
+    out = []
+    for column, dist in _PACKAGES.items():
+        try:
+            out.append((column, metadata.version(dist)))
+        except metadata.PackageNotFoundError:
+            out.append((column, None))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=None)
+def git_commit() -> str | None:
+    """The commit of the project's checkout (with ``-dirty`` when files differ from it), or None
+    outside a git checkout (an installed wheel)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("-dirty" if dirty else "") if head else None
+
+
+@functools.lru_cache(maxsize=None)
+def device_name(device: str) -> str:
+    """A readable name of the hardware behind a torch device string (GPU model, or the CPU's)."""
+    import platform
+
+    if device.startswith("cuda"):
+        try:
+            import torch
+
+            return torch.cuda.get_device_name(torch.device(device))
+        except Exception:  # a device string from another machine: record what was asked for
+            return device
+    if device == "mps":
+        return f"Apple MPS ({platform.machine()})"
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} cores)"
+
+
+def environment(device: str) -> dict:
+    """The ``runs`` columns that describe the software and hardware: package versions, Python,
+    git commit, device and its name."""
+    import platform
+
+    return {**dict(_versions()), "python_version": platform.python_version(), "git_commit": git_commit(),
+            "device": device, "device_name": device_name(device)}

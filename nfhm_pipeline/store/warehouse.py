@@ -27,7 +27,7 @@ import pandas as pd
 
 from nfhm_pipeline.errors import SettingsError, StorageError
 from nfhm_pipeline.store.remote import is_remote, lake_dataset, redact
-from nfhm_pipeline.store.schemas import WAREHOUSE_DDL, column_definitions, table_columns
+from nfhm_pipeline.store.schemas import WAREHOUSE_TABLES, add_column_sql, create_table_sql, table_columns
 
 log = logging.getLogger(__name__)
 
@@ -115,24 +115,22 @@ def connect(path: str | Path, *, read_only: bool = False, timeout_s=_DEFAULT,
 def ensure_schema(con) -> None:
     """Create missing tables, and add columns declared since an older version wrote the file
     (a new column is NULL in old rows, which then read as results of an unknown split)."""
-    for table, ddl in WAREHOUSE_DDL.items():
-        con.execute(f"CREATE TABLE IF NOT EXISTS {table} ({ddl})")
+    for table in WAREHOUSE_TABLES:
+        con.execute(create_table_sql(table))
     present: dict[str, set[str]] = {}
     for table, column in con.execute(
             "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'main'").fetchall():
         present.setdefault(table, set()).add(column)
-    for table in WAREHOUSE_DDL:
-        for column, ddl in column_definitions(table):
-            if column not in present.get(table, set()):
-                con.execute(f"ALTER TABLE {table} ADD COLUMN {column} {ddl.replace('NOT NULL', '').strip()}")
+    for table, columns in WAREHOUSE_TABLES.items():
+        for column in columns:
+            if column.name not in present.get(table, set()):
+                con.execute(add_column_sql(table, column))
 
 
 def _checked_columns(table: str, where: dict) -> list[str]:
     """The columns of ``table``, after checking that it and the ``where`` keys are declared ones:
     table and column names are spliced into SQL, so only names from schemas.py may get there."""
-    if table not in WAREHOUSE_DDL:
-        raise StorageError(f"unknown warehouse table {table!r}; tables: {sorted(WAREHOUSE_DDL)}")
-    columns = table_columns(table)
+    columns = table_columns(table)  # a StorageError for an unknown table
     unknown = [col for col in where if col not in columns]
     if unknown:
         raise StorageError(f"table {table} has no column(s) {unknown} to select rows by")

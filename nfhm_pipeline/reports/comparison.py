@@ -15,13 +15,15 @@ import numpy as np
 import pandas as pd
 
 from nfhm_pipeline.errors import StorageError
+from nfhm_pipeline.evaluation import names
+from nfhm_pipeline.evaluation.classification import confusion_pairs
 from nfhm_pipeline.reports.files import ensure_dir, inside, safe_name
 from nfhm_pipeline.reports.plots import (confusion_figure, knn_group_bars, probe_table, retrieval_table, save_png,
                                          speed_bars, zero_shot_table)
 from nfhm_pipeline.reports.summary import BASELINE_COLUMNS, class_baselines, markdown_summary
 from nfhm_pipeline.store import provenance, warehouse
 
-RULE_PAIRS = {"cosine": ("top1_cosine", "mean_cosine"), "euclidean": ("top1_euclidean", "mean_euclidean")}
+RULE_PAIRS = {"cosine": (names.TOP1_COSINE, names.MEAN_COSINE), "euclidean": (names.TOP1_EUCLIDEAN, names.MEAN_EUCLIDEAN)}
 RULE_NAMES = {"cosine": "cosine rules", "euclidean": "Euclidean rules"}
 RETRIEVAL_NOTE = ("Candidates: image → text ranks one prompt-ensembled text per class (the level's class texts); "
                   "text → image ranks the test images. P@k: share of the top k that are of the query's class; "
@@ -60,8 +62,8 @@ def read_inputs(warehouse_path: str | Path, dataset: str) -> ReportInputs:
     """The dataset's current-split results, embedding runs, class baselines of the split and the
     split's facts (``split_summary`` and ``rejected_images``; tolerated when absent)."""
     metrics = provenance.current_rows(warehouse_path, "metrics", dataset)
-    predictions = provenance.current_rows(warehouse_path, "predictions", dataset, task="knn", rule="top1_cosine",
-                                          grp="all")
+    predictions = provenance.current_rows(warehouse_path, "predictions", dataset, task=names.KNN,
+                                          rule=names.TOP1_COSINE, grp="all")
     labels = split_labels(warehouse_path, dataset)
     return ReportInputs(
         metrics=metrics, runs=warehouse.read_table(warehouse_path, "embedding_runs", dataset=dataset),
@@ -96,7 +98,7 @@ def _optional_table(path: str | Path, table: str, dataset: str) -> pd.DataFrame 
 
 
 def best_model(metrics: pd.DataFrame, level: str) -> str | None:
-    rows = metrics[(metrics["task"] == "knn") & (metrics["metric"] == "top1_cosine") & (metrics["grp"] == "all")
+    rows = metrics[(metrics["task"] == names.KNN) & (metrics["metric"] == names.TOP1_COSINE) & (metrics["grp"] == "all")
                    & (metrics["level"] == level)]
     if rows.empty:
         return None
@@ -145,7 +147,7 @@ def build_comparison(dataset: str, levels, inputs: ReportInputs, out_dir: Path) 
         if level is not None:
             report.level_images.setdefault(level, []).append(key)
 
-    knn = metrics[metrics["task"] == "knn"]
+    knn = metrics[metrics["task"] == names.KNN]
     predictions = inputs.predictions
     for level in levels:
         if knn[knn["level"] == level].empty:
@@ -166,24 +168,22 @@ def build_comparison(dataset: str, levels, inputs: ReportInputs, out_dir: Path) 
                                    title=f"{dataset} — {level}: {model}, top-1 cosine (row %)")
             add_image(f"confusion_{level}", level, fig, f"confusion_{slug}.png",
                       f"confusion matrix of the best model ({model}, top-1 cosine) — {level}")
-            wrong = pred.assign(predicted_label=guess)[true != guess]
-            pairs = (wrong.groupby(["true_label", "predicted_label"]).size().rename("test images").reset_index()
-                     .sort_values(["test images", "true_label", "predicted_label"], ascending=[False, True, True])
-                     .head(10).rename(columns={"true_label": "true class", "predicted_label": "predicted as"}))
-            report.tables[f"most confused pairs — {level} ({model})"] = pairs.reset_index(drop=True)
+            pairs = confusion_pairs(true.to_numpy(), guess.to_numpy(), top=10).rename(
+                columns={"true": "true class", "predicted": "predicted as", "count": "test images"})
+            report.tables[f"most confused pairs — {level} ({model})"] = pairs
     runs = inputs.runs[inputs.runs["dataset"] == dataset] if len(inputs.runs) else inputs.runs
     if len(runs) and (runs["new"] > 0).any():
         add_image("embedding_speed", None, speed_bars(runs, dataset=dataset), "embedding_speed.png",
                   "embedding throughput")
-    for task, title in (("linear_probe", "linear probe (LinearSVC, C = 100/N): CV accuracy mean ± std"),
-                        ("logistic_probe", "logistic probe: CV accuracy mean ± std")):
-        if ((metrics["task"] == task) & (metrics["metric"] == "cv_accuracy")).any():
-            report.tables[title] = probe_table(metrics, task=task, metric="cv_accuracy", baselines=baselines)
+    for task, title in ((names.LINEAR_PROBE, "linear probe (LinearSVC, C = 100/N): CV accuracy mean ± std"),
+                        (names.LOGISTIC_PROBE, "logistic probe: CV accuracy mean ± std")):
+        if ((metrics["task"] == task) & (metrics["metric"] == names.CV_ACCURACY)).any():
+            report.tables[title] = probe_table(metrics, task=task, metric=names.CV_ACCURACY, baselines=baselines)
             report.table_notes[title] = ("Mean ± std over the split's cross-validation folds of the training images. "
                                          "Baselines are on the test split.")
-    if (metrics["task"] == "zero_shot").any():
+    if (metrics["task"] == names.ZERO_SHOT).any():
         report.tables["zero-shot accuracy"] = zero_shot_table(metrics, baselines=baselines)
-    if (metrics["task"] == "retrieval").any():
+    if (metrics["task"] == names.RETRIEVAL).any():
         title = "image ↔ text retrieval (%)"
         report.tables[title] = retrieval_table(metrics, baselines=baselines)
         report.table_notes[title] = RETRIEVAL_NOTE
@@ -207,18 +207,18 @@ def add_auc_comparisons(report: ComparisonReport, metrics: pd.DataFrame) -> None
     every model's probe against the first baseline, and each alignment head against zero-shot.
     Each is shown once in the HTML report (the coloured fragment); the plain table goes to the
     metadata only."""
-    from nfhm_pipeline.stages.multilabel import PROBE_TASK, auc_difference_report
+    from nfhm_pipeline.evaluation.multilabel_tables import auc_difference_report
 
-    probe_models = sorted(metrics.loc[metrics["task"] == PROBE_TASK, "model"].unique())
+    probe_models = sorted(metrics.loc[metrics["task"] == names.MULTILABEL_PROBE, "model"].unique())
     if len(probe_models) > 1:
         base = "raw-pixels" if "raw-pixels" in probe_models else probe_models[0]
         for other in (m for m in probe_models if m != base):
             table, fragment = auc_difference_report(metrics, base, other)
             report.extra_tables[f"probe AUC: {other} vs {base}"] = table
             report.html_sections[f"probe AUC difference: {other} vs {base}"] = fragment
-    for model in sorted(metrics.loc[metrics["task"] == "alignment_head", "model"].unique()):
-        table, fragment = auc_difference_report(metrics, model, model, task="multilabel_zero_shot",
-                                                task_b="alignment_head")
+    for model in sorted(metrics.loc[metrics["task"] == names.ALIGNMENT_HEAD, "model"].unique()):
+        table, fragment = auc_difference_report(metrics, model, model, task=names.MULTILABEL_ZERO_SHOT,
+                                                task_b=names.ALIGNMENT_HEAD)
         report.extra_tables[f"alignment head vs zero-shot AUC: {model}"] = table
         report.html_sections[f"alignment head vs zero-shot AUC: {model}"] = fragment
 

@@ -14,7 +14,6 @@ nothing is cached or stored for it.
 from __future__ import annotations
 
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -52,11 +51,10 @@ class PixelCache:
         except (FileNotFoundError, ValueError, OSError):
             pass
         pixels = decode(uri, image_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as f:
+        from nfhm_pipeline.store.files import atomic_path
+
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.save(f, pixels, allow_pickle=False)
-        os.replace(tmp, path)
         return pixels
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from nfhm_pipeline.catalog import DatasetSpec
-from nfhm_pipeline.ingest.readers import read_source
+from nfhm_pipeline.ingest.registry import READERS, read_source
 from nfhm_pipeline.ingest.images import validate_images
 
 
@@ -22,37 +22,11 @@ class ManifestBuild:
 
 
 def reader_params(spec: DatasetSpec, sources_dir: Path, levels=None) -> dict:
-    """Translate a catalog entry into the keyword arguments of its reader.
+    """Translate a catalog entry into the keyword arguments of its reader (``READERS[spec.reader]``).
 
     ``levels``: the label levels the source itself must supply (default all; fewer when a
     ``taxonomy`` CSV supplies the coarser ones)."""
-    p = dict(spec.params)
-    p.pop("taxonomy", None)
-    levels = tuple(levels or spec.labels)
-    out_dir = sources_dir / spec.name
-    # A leakage unit that is also the reporting group is copied from `group` after reading.
-    own_column = spec.split.group_by and spec.split.group_by != spec.group
-    split_group = {"split_group_column": spec.split.group_by} if own_column else {}
-    if spec.reader == "demo_shapes":
-        return {"out_dir": out_dir, "label_columns": levels, **p}
-    if spec.reader == "sklearn_digits":
-        return {"out_dir": out_dir, "label_column": spec.finest_label}
-    if spec.reader == "vlm4bio_csv":
-        return {"csv_path": p.pop("csv"), "label_columns": levels, **split_group, **p}
-    if spec.reader == "label_csv":
-        return {"csv_path": p.pop("csv"), "label_columns": levels,
-                "group_column": p.pop("group_column", None) or spec.group, **split_group, **p}
-    if spec.reader == "image_folder":
-        return {"root": p.pop("root"), "label_column": spec.finest_label, **p}
-    if spec.reader == "medmnist_npz":
-        return {"npz_path": p.pop("npz"), "out_dir": out_dir, "label_column": spec.finest_label, **p}
-    if spec.reader == "chexpert_csv":
-        from nfhm_pipeline.stages.multilabel import finding_columns
-
-        p.pop("findings", None)
-        return {"csv_path": p.pop("csv"), "label_columns": spec.labels, "findings": finding_columns(spec),
-                "group_column": spec.group, **p}
-    raise NotImplementedError(spec.reader)
+    return READERS[spec.reader].arguments(spec, sources_dir, levels)
 
 
 def build_manifest(spec: DatasetSpec, sources_dir: str | os.PathLike, *, max_pixels: int | None = None) -> ManifestBuild:
@@ -60,15 +34,10 @@ def build_manifest(spec: DatasetSpec, sources_dir: str | os.PathLike, *, max_pix
 
     Bad images land in ``rejected`` with a reason; good rows are never dropped because of them.
     """
-    label_columns = list(spec.labels)
-    if spec.reader == "chexpert_csv":
-        # Findings ride along as extra label columns ('1'/'0'/'-1'/None strings); stages.multilabel
-        # parses them back. The first label column is the derived stratum the split uses.
-        from nfhm_pipeline.stages.multilabel import chexpert_candidates, finding_columns
-
-        candidates = chexpert_candidates(**reader_params(spec, Path(sources_dir)))
-        label_columns += finding_columns(spec)
-    elif spec.params.get("taxonomy"):
+    # Multi-label findings ride along as extra label columns ('1'/'0'/'-1'/None strings);
+    # evaluation.multilabel_tables parses them back. The first label column is the derived stratum.
+    label_columns = [*spec.labels, *spec.findings]
+    if spec.params.get("taxonomy"):
         from nfhm_pipeline.ingest.readers import apply_taxonomy, taxonomy_levels
 
         taxonomy, delimiter = spec.params["taxonomy"], spec.params.get("delimiter")

@@ -8,13 +8,15 @@ Cross-split near-duplicates (manifest ``phash``) are listed, and kept, dropped o
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dataclasses import dataclass
 
-import dagster as dg
 import pandas as pd
 
-from nfhm_pipeline.assets.common import markdown_table, read_manifest
-from nfhm_pipeline.catalog import DatasetSpec
+if TYPE_CHECKING:
+    from nfhm_pipeline.catalog import DatasetSpec
+
 from nfhm_pipeline.errors import EvaluationError
 from nfhm_pipeline.evaluation import near_duplicates as nd
 from nfhm_pipeline.evaluation.splits import (
@@ -25,8 +27,23 @@ from nfhm_pipeline.evaluation.splits import (
     make_split,
     split_identity,
 )
-from nfhm_pipeline.resources import NfhmStorage
-from nfhm_pipeline.store import warehouse
+from nfhm_pipeline.stages.base import (
+    CheckOutcome, CheckSpec, Device, Log, Paths, StageResult, markdown_table, quiet, read_manifest,
+)
+
+CHECKS = (
+    CheckSpec("stratified_as_declared", "Every class in test is in train; no leakage unit straddles train and "
+              "test; the realised test fraction is within the split's stated tolerance.", blocking=True),
+    CheckSpec("no_cross_split_near_duplicates", "No test image has a near-duplicate (perceptual hash) in train."),
+)
+
+
+def describe(dataset) -> str:
+    group_by = getattr(dataset.split, "group_by", None)
+    how = f"grouped by {group_by!r}" if group_by else f"stratified by {dataset.finest_label!r}"
+    return (f"Train/test split {how} (seed {dataset.split.seed}), {dataset.split.folds} CV folds over train; "
+            f"one split for every model so comparisons are paired.")
+
 
 NEAR_DUPLICATE_REASON = "near_duplicate_of_train"
 _UNIT = "__leakage_unit"
@@ -192,58 +209,40 @@ def _phash(manifest: pd.DataFrame) -> pd.Series | None:
     return manifest.set_index("image_id")["phash"].dropna()
 
 
-def splits_asset(spec: DatasetSpec) -> dg.AssetsDefinition:
-    key = dg.AssetKey([spec.name, "splits"])
-    checks = [
-        dg.AssetCheckSpec("stratified_as_declared", asset=key, blocking=True,
-                          description="Every class in test is in train; no leakage unit straddles train and "
-                                      "test; the realised test fraction is within the split's stated tolerance."),
-        dg.AssetCheckSpec("no_cross_split_near_duplicates", asset=key, blocking=False,
-                          description="No test image has a near-duplicate (perceptual hash) in train."),
-    ]
-    group_by = getattr(spec.split, "group_by", None)
-    how = f"grouped by {group_by!r}" if group_by else f"stratified by {spec.finest_label!r}"
+def run(dataset, model=None, paths: Paths | None = None, device: Device | None = None, *,
+        run_id: str | None = None, log: Log = quiet) -> StageResult:
+    from nfhm_pipeline.store import warehouse
 
-    @dg.asset(key=key, group_name=spec.name, kinds={"duckdb"}, pool="duckdb_writer", check_specs=checks,
-              deps=[dg.AssetKey([spec.name, "image_manifest"])], automation_condition=dg.AutomationCondition.eager(),
-              description=f"Train/test split {how} (seed {spec.split.seed}), {spec.split.folds} CV folds over "
-                          f"train; one split for every model so comparisons are paired.")
-    def splits(storage: NfhmStorage) -> dg.MaterializeResult:
-        manifest = read_manifest(storage, spec.name)
-        tables = split_frames(spec, manifest)
-        warehouse.replace_many(storage.warehouse_path, [
-            ("splits", tables.splits, {"dataset": spec.name}),
-            ("split_exclusions", tables.exclusions, {"dataset": spec.name}),
-            ("split_summary", tables.summary, {"dataset": spec.name}),
-            ("near_duplicates", tables.near_duplicates, {"dataset": spec.name}),
-        ])
-        labels = manifest.set_index("image_id")[spec.finest_label]
-        # The fraction is what the drawn split promised; dropping near-duplicates afterwards only
-        # removes test images, which cannot make a class or a unit straddle.
-        problems = list(dict.fromkeys(check_split_result(tables.drawn, labels)
-                                      + check_split(tables.result.assignments, labels)))
-        result = tables.result
-        near = tables.near_duplicates
-        left = tables.cross_split_pairs_left
-        return dg.MaterializeResult(
-            metadata={"dagster/row_count": len(tables.splits), **result.summary(), "split_id": tables.split_id,
-                      "n_near_duplicate_pairs": len(near),
-                      "near_duplicates_action": getattr(spec.split, "near_duplicates", "keep"),
-                      "near_duplicates_checked": tables.near_duplicates_checked,
-                      **({"near_duplicates_note": tables.near_duplicates_note} if tables.near_duplicates_note else {}),
-                      "excluded_classes": sorted(tables.exclusions["label"].astype(str).unique().tolist())[:50]},
-            check_results=[
-                dg.AssetCheckResult(check_name="stratified_as_declared", passed=not problems,
-                                    metadata={"problems": problems or ["none"]}),
-                dg.AssetCheckResult(
-                    check_name="no_cross_split_near_duplicates", passed=left == 0,
-                    severity=dg.AssetCheckSeverity.WARN,
-                    metadata={"cross_split_pairs": left, "pairs_listed": len(near),
-                              "checked": tables.near_duplicates_checked,
-                              "examples": markdown_table(near.drop(columns=["dataset"]).assign(
-                                  image_id_a=near["image_id_a"].str[:12], image_id_b=near["image_id_b"].str[:12]), 10),
-                              **({"note": tables.near_duplicates_note} if tables.near_duplicates_note else {})}),
-            ],
-        )
-
-    return splits
+    manifest = read_manifest(paths, dataset.name)
+    tables = split_frames(dataset, manifest)
+    warehouse.replace_many(paths.warehouse, [
+        ("splits", tables.splits, {"dataset": dataset.name}),
+        ("split_exclusions", tables.exclusions, {"dataset": dataset.name}),
+        ("split_summary", tables.summary, {"dataset": dataset.name}),
+        ("near_duplicates", tables.near_duplicates, {"dataset": dataset.name}),
+    ], log_wait=log)
+    labels = manifest.set_index("image_id")[dataset.finest_label]
+    # The fraction is what the drawn split promised; dropping near-duplicates afterwards only
+    # removes test images, which cannot make a class or a unit straddle.
+    problems = list(dict.fromkeys(check_split_result(tables.drawn, labels)
+                                  + check_split(tables.result.assignments, labels)))
+    result = tables.result
+    near = tables.near_duplicates
+    left = tables.cross_split_pairs_left
+    note = {"note": tables.near_duplicates_note} if tables.near_duplicates_note else {}
+    return StageResult(
+        metadata={"dagster/row_count": len(tables.splits), **result.summary(), "split_id": tables.split_id,
+                  "n_near_duplicate_pairs": len(near),
+                  "near_duplicates_action": getattr(dataset.split, "near_duplicates", "keep"),
+                  "near_duplicates_checked": tables.near_duplicates_checked,
+                  **({"near_duplicates_note": tables.near_duplicates_note} if tables.near_duplicates_note else {}),
+                  "excluded_classes": sorted(tables.exclusions["label"].astype(str).unique().tolist())[:50]},
+        checks=[
+            CheckOutcome("stratified_as_declared", not problems, {"problems": problems or ["none"]}),
+            CheckOutcome("no_cross_split_near_duplicates", left == 0, {
+                "cross_split_pairs": left, "pairs_listed": len(near), "checked": tables.near_duplicates_checked,
+                "examples": markdown_table(near.drop(columns=["dataset"]).assign(
+                    image_id_a=near["image_id_a"].str[:12], image_id_b=near["image_id_b"].str[:12]), 10),
+                **note}, warn_only=True),
+        ],
+    )

@@ -19,26 +19,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
-from nfhm_pipeline.catalog import RESERVED_COLUMNS, DatasetSpec
-from nfhm_pipeline.errors import CatalogError, EvaluationError, ManifestError
-from nfhm_pipeline.stages.evaluation import ALL, ZERO_VECTOR, EvalTables, zero_vectors
+from nfhm_pipeline.catalog import DatasetSpec
+from nfhm_pipeline.errors import EvaluationError, ManifestError
+from nfhm_pipeline.ingest.chexpert import parse_finding_values
+from nfhm_pipeline.evaluation.names import (ALIGNMENT_HEAD, AUC, MACRO_AUC, MICRO_AUC, MULTILABEL_PROBE,
+                                           MULTILABEL_ZERO_SHOT, N_LABELS_DEFINED, N_NEG, N_POS, N_TRAIN,
+                                           label_metric)
+from nfhm_pipeline.evaluation.tables import ALL, ZERO_VECTOR, EvalTables, zero_vectors
 
-PROBE_TASK = "multilabel_probe"
-ZERO_SHOT_TASK = "multilabel_zero_shot"
-ALIGNMENT_TASK = "alignment_head"
+# the task names (declared in evaluation.names) under the names this module's callers use
+PROBE_TASK = MULTILABEL_PROBE
+ZERO_SHOT_TASK = MULTILABEL_ZERO_SHOT
+ALIGNMENT_TASK = ALIGNMENT_HEAD
 MULTILABEL_TASKS = (PROBE_TASK, ZERO_SHOT_TASK)
 MISSING_POLICY = "negative"  # CheXpert: a finding the report does not mention is absent
-NO_POSITIVE_STRATUM = "none"
-RARE_STRATUM = "other"
-_FINDING_VALUES = {"1": 1.0, "0": 0.0, "-1": -1.0}
 
-
-# --- manifest side: CheXpert CSV → candidates ----------------------------------------------------
 
 def evaluates_auc(spec: DatasetSpec) -> bool:
     """True for datasets that get ``multilabel_metrics`` and ``alignment_head``: multi-label ones and
@@ -47,100 +46,10 @@ def evaluates_auc(spec: DatasetSpec) -> bool:
 
 
 def finding_columns(spec: DatasetSpec) -> list[str]:
-    """The finding columns of a multi-label dataset: the catalog's ``findings`` list, default the 14
-    CheXpert findings. Empty for single-label datasets."""
-    from nfhm_pipeline.ingest.chexpert import CHEXPERT_FINDINGS
-
-    if not spec.multilabel:
-        return []
-    findings = spec.params.get("findings", list(CHEXPERT_FINDINGS))
-    where = f"dataset {spec.name!r}: field 'findings'"
-    if not isinstance(findings, list) or not findings or not all(isinstance(f, str) and f.strip() for f in findings):
-        raise CatalogError(f"{where} must be a non-empty list of CSV column names, got {findings!r}")
-    if len(set(findings)) != len(findings):
-        raise CatalogError(f"{where} lists a column twice: {findings}")
-    clash = sorted(set(findings) & (RESERVED_COLUMNS | set(spec.labels)))
-    if clash:
-        raise CatalogError(f"{where} uses reserved manifest column name(s) {clash}; rename the CSV column(s) "
-                           f"or the dataset's 'labels' entry")
-    return list(findings)
-
-
-def first_positive_strata(values: np.ndarray, findings: Sequence[str]) -> list[str]:
-    """A stratum per image for the split: the first finding (catalog order) marked 1.0, else
-    ``'none'``. Strata holding one image are merged into ``'other'``; if ``'other'`` then holds one
-    image it joins the most frequent stratum (ties: the name that sorts first). Uncertain labels
-    do not count, so the split does not depend on the uncertain-label policy.
-
-    values float [N, F] in {1, 0, -1, NaN}. Returns N strings.
-    """
-    values = np.asarray(values, dtype=np.float64)
-    strata = []
-    for row in values:
-        hits = np.flatnonzero(row == 1.0)
-        strata.append(str(findings[hits[0]]) if len(hits) else NO_POSITIVE_STRATUM)
-    counts = pd.Series(strata).value_counts()
-    strata = [RARE_STRATUM if counts[s] == 1 else s for s in strata]
-    counts = pd.Series(strata).value_counts()
-    if counts.get(RARE_STRATUM, 0) == 1:
-        largest = counts.drop(RARE_STRATUM)
-        if len(largest):
-            top = sorted(largest[largest == largest.max()].index)[0]
-            strata = [top if s == RARE_STRATUM else s for s in strata]
-    return strata
-
-
-def chexpert_candidates(
-    csv_path, *, label_columns: Sequence[str], findings: Sequence[str] | None = None, path_column: str = "Path",
-    image_root=None, group_column: str | None = None,
-) -> pd.DataFrame:
-    """Candidates (see ``nfhm_pipeline.ingest.readers``) from a CheXpert-style CSV.
-
-    ``label_columns`` must be one name: that column holds `first_positive_strata` (the split is
-    stratified by it). Each finding becomes a column of strings ``'1'``, ``'0'``, ``'-1'`` or None
-    (empty), which ``validate_images`` keeps as they are. ``group_column`` (e.g. a patient id)
-    is read from the same CSV. ``source_row`` is the CSV line (header = line 1).
-    """
-    from nfhm_pipeline.ingest.chexpert import CHEXPERT_FINDINGS, read_chexpert_csv
-
-    label_columns = list(label_columns)
-    if len(label_columns) != 1:
-        raise ManifestError(f"{csv_path}: a chexpert_csv dataset takes one entry in 'labels' (the derived "
-                            f"stratum column, e.g. [label]), got {label_columns}")
-    findings = list(CHEXPERT_FINDINGS if findings is None else findings)
-    rows = read_chexpert_csv(csv_path, path_column=path_column, findings=findings, image_root=image_root)
-    values = rows[findings].to_numpy(dtype=np.float64)
-    out = pd.DataFrame({"uri": rows["uri"], label_columns[0]: first_positive_strata(values, findings)})
-    for j, name in enumerate(findings):
-        out[name] = [None if np.isnan(v) else str(int(v)) for v in values[:, j]]
-    out["group"] = None
-    if group_column:
-        raw = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-        if group_column not in raw.columns:
-            raise ManifestError(f"{csv_path}: group column {group_column!r} is missing (columns present: "
-                                f"{', '.join(raw.columns)}); fix the dataset's 'group' field")
-        out["group"] = [g.strip() or None for g in raw[group_column]]
-    out["official_split"] = None
-    out["source_row"] = rows["source_row"].to_numpy() + 1
-    out["reject_reason"] = None
-    return out
-
-
-def parse_finding_values(frame: pd.DataFrame, findings: Sequence[str]) -> np.ndarray:
-    """Manifest finding columns (strings '1', '0', '-1', null) → float64 [N, F] in {1, 0, -1, NaN}."""
-    out = np.full((len(frame), len(findings)), np.nan)
-    for j, name in enumerate(findings):
-        if name not in frame.columns:
-            raise ManifestError(f"manifest has no finding column {name!r}: materialize image_manifest again "
-                                "(the catalog's findings changed since)")
-        column = frame[name].astype(object)
-        bad = ~(column.isna() | column.isin(list(_FINDING_VALUES)))
-        if bad.any():
-            i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise ManifestError(f"manifest row {i}, finding {name!r}: value {column.iloc[i]!r} is not '1', '0', "
-                                "'-1' or empty; materialize image_manifest again")
-        out[:, j] = column.map(_FINDING_VALUES).to_numpy(dtype=np.float64, na_value=np.nan)
-    return out
+    """The finding columns of a multi-label dataset (``spec.findings``: the catalog's ``findings``
+    list, default the 14 CheXpert findings, validated when the catalog is loaded). Empty for
+    single-label datasets."""
+    return list(spec.findings)
 
 
 def attach_findings(frame: pd.DataFrame, manifest: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
@@ -205,7 +114,7 @@ def label_prompts(spec: DatasetSpec, targets: AucTargets) -> tuple[list[str], li
     and the other classes are exactly what the image is when it is not x).
     """
     from nfhm_pipeline.evaluation.multilabel import prompt_pair
-    from nfhm_pipeline.stages.prompts import templates_for
+    from nfhm_pipeline.evaluation.prompts import templates_for
 
     if targets.kind == "multilabel":
         pairs = [prompt_pair(name) for name in targets.names]
@@ -224,16 +133,52 @@ class LabelTexts:
     negative_emb: np.ndarray
 
 
-def embed_label_texts(embedder, spec: DatasetSpec, targets: AucTargets) -> LabelTexts | None:
-    """Embed the label prompts with the model's text tower; None for vision-only models."""
-    if not getattr(embedder, "has_text_tower", False):
-        return None
+# The ``use`` of label-prompt rows in the text-embedding table (class prompts are "zero_shot").
+POSITIVE_USE = "auc_positive"
+NEGATIVE_USE = "auc_negative"
+
+
+def label_prompt_table(spec: DatasetSpec, targets: AucTargets) -> pd.DataFrame:
+    """The label prompts as text-table rows (level, class, template, prompt, use), positives first
+    then negatives, in the order the text tower embeds them in one call (`label_texts_from_table`
+    reads them back)."""
     positive, negative = label_prompts(spec, targets)
-    texts = positive + (negative or [])
-    emb = np.asarray(embedder.embed_texts(texts), dtype=np.float64)
-    pos = emb[:len(positive)]
-    if negative is not None:
-        neg = emb[len(positive):]
+    rows = [(targets.level, name, "", text, POSITIVE_USE) for name, text in zip(targets.names, positive)]
+    rows += [(targets.level, name, "", text, NEGATIVE_USE) for name, text in zip(targets.names, negative or [])]
+    return pd.DataFrame(rows, columns=["level", "class", "template", "prompt", "use"])
+
+
+def label_texts_from_table(spec: DatasetSpec, targets: AucTargets, prompts: pd.DataFrame,
+                           vectors: np.ndarray) -> LabelTexts | None:
+    """The label texts of ``targets`` from the stored text table (written by text_embeddings);
+    None when the table is empty (a model without a text tower)."""
+    if prompts.empty:
+        return None
+    use = prompts["use"].astype(str).to_numpy() if "use" in prompts else np.full(len(prompts), "zero_shot")
+    level = prompts["level"].astype(str).to_numpy()
+    names = prompts["class"].astype(str).to_numpy()
+
+    def rows(kind: str) -> np.ndarray | None:
+        picked = (use == kind) & (level == targets.level)
+        index = pd.Series(np.flatnonzero(picked), index=names[picked])
+        if index.index.has_duplicates or not set(targets.names) <= set(index.index):
+            return None
+        return index.reindex(targets.names).to_numpy()
+
+    pos_rows = rows(POSITIVE_USE)
+    if pos_rows is None:
+        raise EvaluationError(f"dataset {spec.name!r}: the stored text embeddings hold no label prompts for "
+                              f"{targets.level} {targets.names[:5]}; materialize {spec.name}/text_embeddings "
+                              "again (the labels or the split changed since)")
+    positive = prompts["prompt"].to_numpy()[pos_rows].tolist()
+    pos = np.asarray(vectors[pos_rows], dtype=np.float64)
+    if targets.kind == "multilabel":
+        neg_rows = rows(NEGATIVE_USE)
+        if neg_rows is None:
+            raise EvaluationError(f"dataset {spec.name!r}: the stored text embeddings hold no negative label "
+                                  f"prompts; materialize {spec.name}/text_embeddings again")
+        negative = prompts["prompt"].to_numpy()[neg_rows].tolist()
+        neg = np.asarray(vectors[neg_rows], dtype=np.float64)
     else:
         if len(positive) < 2:
             raise EvaluationError(f"dataset {spec.name!r}: one-vs-rest zero-shot needs at least two classes")
@@ -243,8 +188,6 @@ def embed_label_texts(embedder, spec: DatasetSpec, targets: AucTargets) -> Label
     return LabelTexts(positive, negative, pos.astype(np.float32), neg.astype(np.float32))
 
 
-# --- metric tables ---------------------------------------------------------------------------------
-
 def auc_summary(y, mask, scores) -> dict[str, float]:
     """macro_auc (mean of the defined per-label AUCs), micro_auc (pooled over labels with scores) and
     n_labels_defined; labels whose scores are NaN (a skipped probe) are left out of both."""
@@ -253,7 +196,7 @@ def auc_summary(y, mask, scores) -> dict[str, float]:
     scores = np.asarray(scores, dtype=np.float64)
     scored = ~np.all(np.isnan(scores), axis=0)
     if not scored.any():
-        return {"macro_auc": np.nan, "micro_auc": np.nan, "n_labels_defined": 0}
+        return {MACRO_AUC: np.nan, MICRO_AUC: np.nan, N_LABELS_DEFINED: 0}
     return macro_micro_auc(np.asarray(y)[:, scored], np.asarray(mask)[:, scored], scores[:, scored])
 
 
@@ -263,12 +206,13 @@ def auc_metric_rows(table: pd.DataFrame, summary: dict, *, task: str, level: str
     rows = []
     for r in table.itertuples(index=False):
         counted = int(r.n_pos + r.n_neg)
-        rows += [(f"auc:{r.label}", r.auc, counted), (f"n_pos:{r.label}", float(r.n_pos), counted),
-                 (f"n_neg:{r.label}", float(r.n_neg), counted)]
+        rows += [(label_metric(AUC, r.label), r.auc, counted),
+                 (label_metric(N_POS, r.label), float(r.n_pos), counted),
+                 (label_metric(N_NEG, r.label), float(r.n_neg), counted)]
         if "n_train" in table.columns:
-            rows.append((f"n_train:{r.label}", float(r.n_train), int(r.n_train)))
-    rows += [("macro_auc", summary["macro_auc"], n_images), ("micro_auc", summary["micro_auc"], n_images),
-             ("n_labels_defined", float(summary["n_labels_defined"]), n_images)]
+            rows.append((label_metric(N_TRAIN, r.label), float(r.n_train), int(r.n_train)))
+    rows += [(MACRO_AUC, summary[MACRO_AUC], n_images), (MICRO_AUC, summary[MICRO_AUC], n_images),
+             (N_LABELS_DEFINED, float(summary[N_LABELS_DEFINED]), n_images)]
     frame = pd.DataFrame(rows, columns=["metric", "value", "n"])
     return frame.assign(task=task, level=level, grp=ALL, std=np.nan)[
         ["task", "level", "grp", "metric", "value", "std", "n"]]
@@ -329,7 +273,7 @@ def _zero_shot_table(image_emb, text: LabelTexts, y, mask, names) -> tuple[pd.Da
     below every positive score when the entry is positive and above every score when negative,
     so every model is judged on the same test entries (see ``stages.evaluation``).
     """
-    from nfhm_pipeline.evaluation.multilabel import roc_auc_per_label, zero_shot_auc
+    from nfhm_pipeline.evaluation.multilabel import cosine_margin, roc_auc_per_label, zero_shot_auc
 
     zero = zero_vectors(image_emb)
     if not zero.any():
@@ -342,21 +286,6 @@ def _zero_shot_table(image_emb, text: LabelTexts, y, mask, names) -> tuple[pd.Da
     lo, hi = (margin[~zero].min() - 1, margin[~zero].max() + 1) if (~zero).any() else (0.0, 1.0)
     margin[zero] = np.where(np.asarray(y)[zero] == 1, lo, hi)
     return roc_auc_per_label(y, mask, margin, names), margin
-
-
-def cosine_margin(image_emb, pos_text_emb, neg_text_emb) -> np.ndarray:
-    """cos(image, positive prompt) - cos(image, negative prompt), float64 [N, F].
-
-    The zero-shot P(positive) = sigmoid(T * margin) with one T for every label, so the margin
-    ranks images exactly as the probability does, also when pooled across labels (micro AUC), and
-    without the ties a saturated sigmoid would create.
-    """
-    def unit(a):
-        a = np.asarray(a, dtype=np.float64)
-        return a / np.linalg.norm(a, axis=-1, keepdims=True)
-
-    v = unit(image_emb)
-    return v @ unit(pos_text_emb).T - v @ unit(neg_text_emb).T
 
 
 @dataclass
@@ -410,12 +339,14 @@ def auc_table_from_metrics(metrics: pd.DataFrame, model: str, task: str = PROBE_
         level = levels[0]
     rows = rows[rows["level"] == level]
     value = dict(zip(rows["metric"], rows["value"].astype(float)))
-    labels = [m.split(":", 1)[1] for m in rows["metric"] if m.startswith("auc:")]
+    prefix = label_metric(AUC, "")
+    labels = [m[len(prefix):] for m in rows["metric"] if m.startswith(prefix)]
+    summaries = [MACRO_AUC, MICRO_AUC]
     table = pd.DataFrame({
-        "label": labels + ["macro_auc", "micro_auc"],
-        "auc": [value[f"auc:{lab}"] for lab in labels] + [value.get("macro_auc", np.nan), value.get("micro_auc", np.nan)],
-        "n_pos": [value.get(f"n_pos:{lab}", np.nan) for lab in labels] + [np.nan, np.nan],
-        "n_neg": [value.get(f"n_neg:{lab}", np.nan) for lab in labels] + [np.nan, np.nan],
+        "label": labels + summaries,
+        "auc": [value[label_metric(AUC, lab)] for lab in labels] + [value.get(s, np.nan) for s in summaries],
+        "n_pos": [value.get(label_metric(N_POS, lab), np.nan) for lab in labels] + [np.nan, np.nan],
+        "n_neg": [value.get(label_metric(N_NEG, lab), np.nan) for lab in labels] + [np.nan, np.nan],
     })
     table.attrs["level"] = level
     return table

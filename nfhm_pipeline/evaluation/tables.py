@@ -26,7 +26,8 @@ import numpy as np
 import pandas as pd
 
 from nfhm_pipeline.evaluation.classification import per_class_report, summarize_predictions, topk_accuracy
-from nfhm_pipeline.evaluation.knn import L2_RULES, RULES, nearest_neighbour_scores
+from nfhm_pipeline.evaluation import names
+from nfhm_pipeline.evaluation.knn import nearest_neighbour_scores
 from nfhm_pipeline.store.embedding_store import EmbeddingTable
 
 ALL = "all"
@@ -133,8 +134,8 @@ def knn_tables(frame: pd.DataFrame, vectors: np.ndarray, levels, *, ks=(1, 3, 5)
     zero = zero_vectors(vectors)
     has_label = {level: labelled(frame, level) for level in levels}
     for level in levels:
-        out.exclude("knn", level, frame, ~has_label[level], NO_LABEL)
-        out.exclude("knn", level, frame, has_label[level] & zero, ZERO_VECTOR)
+        out.exclude(names.KNN, level, frame, ~has_label[level], NO_LABEL)
+        out.exclude(names.KNN, level, frame, has_label[level] & zero, ZERO_VECTOR)
     for grp in groups_of(frame):
         in_grp = np.ones(len(frame), bool) if grp == ALL else (frame["group"].astype(str) == grp).to_numpy()
         for level in levels:
@@ -166,7 +167,7 @@ def _knn_level_group(out: EvalTables, frame, vectors, level, grp, tr, te, train_
         else _class_indices(classes, true)
     width = min(max(ks), len(classes))
     rows = []
-    for rule in (*RULES, *L2_RULES):
+    for rule in (*names.KNN_RULES, *names.KNN_L2_RULES):
         if not no_vector.any():
             pred, ranks = ranking.labels(rule), ranking.rankings[rule]
         else:  # test rows without a vector: no prediction (NULL), and a ranking that never hits
@@ -176,19 +177,18 @@ def _knn_level_group(out: EvalTables, frame, vectors, level, grp, tr, te, train_
                 pred[~no_vector] = ranking.labels(rule)
                 ranks[~no_vector] = ranking.rankings[rule]
         s = summarize_predictions(true, pred)
-        rows.append((rule, s["accuracy"]))
-        rows.append((f"balanced_accuracy_{rule}", s["balanced_accuracy"]))
-        rows.append((f"macro_f1_{rule}", s["macro_f1"]))
+        for score in ("accuracy", "balanced_accuracy", "macro_f1"):
+            rows.append((names.knn_metric(rule, score), s[score]))
         for k in ks:
             if 1 < k < len(classes):
-                rows.append((f"top{k}_{rule}", topk_accuracy(true_idx, ranks, k)))
-        report = per_class_report(true, pred).assign(task="knn", level=level, grp=grp, rule=rule)
+                rows.append((names.knn_metric(rule, k=k), topk_accuracy(true_idx, ranks, k)))
+        report = per_class_report(true, pred).assign(task=names.KNN, level=level, grp=grp, rule=rule)
         out.per_class.append(report)
         out.predictions.append(pd.DataFrame({
-            "task": "knn", "level": level, "grp": grp, "rule": rule,
+            "task": names.KNN, "level": level, "grp": grp, "rule": rule,
             "image_id": frame["image_id"].to_numpy()[te], "true_label": true, "predicted_label": pred}))
     m = pd.DataFrame(rows, columns=["metric", "value"])
-    out.metrics.append(m.assign(task="knn", level=level, grp=grp, std=np.nan, n=len(te)))
+    out.metrics.append(m.assign(task=names.KNN, level=level, grp=grp, std=np.nan, n=len(te)))
 
 
 def probe_tables(frame: pd.DataFrame, vectors: np.ndarray, levels, *, seed: int = 0) -> EvalTables:
@@ -199,7 +199,7 @@ def probe_tables(frame: pd.DataFrame, vectors: np.ndarray, levels, *, seed: int 
 
     out = EvalTables()
     is_train = (frame["split"] == "train").to_numpy()
-    tasks = ("linear_probe", "logistic_probe")
+    tasks = (names.LINEAR_PROBE, names.LOGISTIC_PROBE)
     for level in levels:
         has = labelled(frame, level)
         out.exclude(tasks, level, frame, ~has, NO_LABEL)
@@ -209,7 +209,8 @@ def probe_tables(frame: pd.DataFrame, vectors: np.ndarray, levels, *, seed: int 
         if len(np.unique(y[train])) < 2:
             out.skipped.append(f"{level}: fewer than two classes in train")
             continue
-        for task, classifier in zip(tasks, ("linear_svc", "logistic")):
+        for task in tasks:
+            classifier = names.PROBE_CLASSIFIERS[task]
             try:
                 result = probe_on_split(vectors[train], y[train], vectors[test], y[test], folds=folds,
                                         classifier=classifier, seed=seed)
@@ -235,7 +236,7 @@ def zero_shot_tables(frame: pd.DataFrame, vectors: np.ndarray, prompts: pd.DataF
 
     out = EvalTables()
     zero = zero_vectors(vectors)
-    tasks = ("zero_shot", "retrieval")
+    tasks = (names.ZERO_SHOT, names.RETRIEVAL)
     for level in levels:
         has = labelled(frame, level)
         is_test = (frame["split"] == "test").to_numpy()
@@ -265,8 +266,8 @@ def zero_shot_tables(frame: pd.DataFrame, vectors: np.ndarray, prompts: pd.DataF
         acc = zero_shot_accuracy(vectors[test][known], idx[known], emb, no_prediction=no_vector)
         # top-k with k >= the number of classes holds every class: 100 % by construction
         acc = acc[(acc["k"] == 1) | (acc["k"] < len(classes))]
-        acc = acc.assign(metric=acc["metric"].str.replace("_accuracy", "") + "_" + acc["prompting"])
-        out.metrics.append(pd.DataFrame({"task": "zero_shot", "level": level, "grp": ALL, "metric": acc["metric"],
+        acc = acc.assign(metric=[names.zero_shot_metric(k, p) for k, p in zip(acc["k"], acc["prompting"])])
+        out.metrics.append(pd.DataFrame({"task": names.ZERO_SHOT, "level": level, "grp": ALL, "metric": acc["metric"],
                                          "value": acc["value"], "std": np.nan, "n": acc["n_images"]}))
         if no_vector.all():
             out.skipped.append(f"retrieval/{level}: every test image has an all-zero embedding")
@@ -274,7 +275,7 @@ def zero_shot_tables(frame: pd.DataFrame, vectors: np.ndarray, prompts: pd.DataF
         ret = retrieval_metrics(vectors[test][known], idx[known], ensemble_class_embeddings(emb), np.arange(len(classes)),
                                 no_prediction=no_vector)
         out.metrics.append(pd.DataFrame({
-            "task": "retrieval", "level": level, "grp": ALL,
-            "metric": ret["direction"] + "_" + ret["metric"] + "@" + ret["k"].astype(str),
+            "task": names.RETRIEVAL, "level": level, "grp": ALL,
+            "metric": [names.retrieval_metric(d, m, k) for d, m, k in zip(ret["direction"], ret["metric"], ret["k"])],
             "value": ret["value"], "std": np.nan, "n": int(known.sum())}))
     return out
