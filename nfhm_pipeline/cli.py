@@ -132,7 +132,8 @@ RESULT_COLUMNS = (
 )
 COLUMN_NOTES = ("kNN: nearest neighbours among the train images (top-1 / per-class mean rule, cosine / "
                 "Euclidean); F1 = macro F1 of kNN top-1 cos. SVC: linear probe, CV on train (mean ± std "
-                "over folds), then refit and scored on test. Accuracies in %, on the shared test split.")
+                "over folds), then refit and scored on test. Accuracies in %, on the shared test split; [low, high]: "
+                "95 % paired-bootstrap interval; '=' after a rank: statistically tied with the best (Holm p ≥ 0.05).")
 
 
 def cmd_results(args) -> int:
@@ -182,7 +183,7 @@ def print_results(warehouse_path: Path, datasets: list[str], *, models: list[str
         print(f"== {ds} ==")
         if len(rows):
             printed = True
-            print(results_text(rows))
+            print(results_text(rows, _current_differences(warehouse_path, ds)))
             if fresh_run_ids is not None:
                 earlier = sorted(set(rows.loc[~rows["run_id"].isin(fresh_run_ids), "model"]))
                 if earlier:
@@ -202,8 +203,20 @@ def print_results(warehouse_path: Path, datasets: list[str], *, models: list[str
         print(COLUMN_NOTES)
 
 
-def results_text(metrics) -> str:
-    """The ranked table of one dataset's current ``metrics`` rows (grp = all), one block per level."""
+def _tied_with_best(differences, level: str, heading: str) -> set[str]:
+    """Models statistically tied with the best on the ranking column (paired bootstrap, Holm p >= 0.05)."""
+    column = next(((task, metric) for task, metric, h in RESULT_COLUMNS if h == heading), None)
+    if differences is None or column is None or differences.empty:
+        return set()
+    rows = differences[(differences["task"] == column[0]) & (differences["metric"] == column[1])
+                       & (differences["level"] == level) & (differences["grp"] == "all")]
+    return set(rows.loc[rows["p_holm"] >= 0.05, "model_b"].astype(str))
+
+
+def results_text(metrics, differences=None) -> str:
+    """The ranked table of one dataset's current ``metrics`` rows (grp = all), one block per level:
+    values in %, 95 % intervals in brackets, '=' after the rank of a model statistically tied with
+    the best (``differences``: the dataset's ``model_differences`` rows)."""
     import numpy as np
     import pandas as pd
 
@@ -219,6 +232,9 @@ def results_text(metrics) -> str:
             table[heading] = sel["value"].astype(float) * 100
             if heading.endswith("± std"):
                 table[heading + "_std"] = sel["std"].astype(float) * 100
+            elif "ci_method" in sel and (sel["ci_method"] == "bootstrap-paired").any():
+                table[heading + "_low"] = sel["ci_low"].astype(float) * 100
+                table[heading + "_high"] = sel["ci_high"].astype(float) * 100
         shown = [h for _, _, h in RESULT_COLUMNS if h in table]
         if not shown:
             continue
@@ -226,19 +242,30 @@ def results_text(metrics) -> str:
         key = shown[0]
         table = table.assign(_key=table[key].fillna(-np.inf)).rename_axis("model").reset_index()
         table = table.sort_values(["_key", "model"], ascending=[False, True]).reset_index(drop=True)
+        tied = _tied_with_best(differences, level, shown[0])
         header = ["rank", "model", *shown]
         body = []
         for i, row in enumerate(table.itertuples(index=False), start=1):
-            cells = [str(i), row.model]
+            cells = [f"{i}{'=' if row.model in tied else ''}", row.model]
             for heading in shown:
                 value = table.loc[i - 1, heading]
                 cell = _pct(value)
                 if heading + "_std" in table and np.isfinite(table.loc[i - 1, heading + "_std"]):
                     cell += f" ± {table.loc[i - 1, heading + '_std']:.1f}"
+                elif heading + "_low" in table and np.isfinite(table.loc[i - 1, heading + "_low"]):
+                    cell += f" [{table.loc[i - 1, heading + '_low']:.1f}, {table.loc[i - 1, heading + '_high']:.1f}]"
                 cells.append(cell)
             body.append(cells)
         blocks.append(f"{level} (ranked by {key}):\n" + _format_table(header, body))
     return "\n\n".join(blocks) if blocks else "no headline metrics yet"
+
+
+def _current_differences(warehouse_path: Path, dataset: str):
+    from nfhm_pipeline.store import provenance, warehouse
+
+    rows = warehouse.read_table(warehouse_path, "model_differences", dataset=dataset)
+    split_id = provenance.current_split_id(warehouse_path, dataset)
+    return rows[rows["split_id"] == split_id] if len(rows) and split_id else rows.iloc[0:0]
 
 
 def _format_table(header: list[str], rows: list[list[str]]) -> str:

@@ -199,7 +199,15 @@ def test_results_rank_models_per_level_with_readable_columns(in_data_dir, capsys
     expected = top1.sort_values(["value", "model"], ascending=[False, True])["model"].tolist()
     ranked = [line.split()[1] for line in lines[3:3 + len(expected)]]
     assert ranked == expected
-    assert [line.split()[0] for line in lines[3:3 + len(expected)]] == ["1", "2"]
+    ranks = [line.split()[0] for line in lines[3:3 + len(expected)]]
+    assert [r.rstrip("=") for r in ranks] == ["1", "2"]
+    # '=' marks exactly the models the paired comparison finds tied with the best
+    differences = warehouse.read_table(in_data_dir / "warehouse.duckdb", "model_differences", dataset=DATASET)
+    tied = differences[(differences["task"] == "knn") & (differences["metric"] == "top1_cosine")
+                       & (differences["grp"] == "all") & (differences["level"] == "label")
+                       & (differences["p_holm"] >= 0.05)]
+    assert {m for m, r in zip(ranked, ranks) if r.endswith("=")} == set(tied["model_b"])
+    assert "[" in lines[3] and "]" in lines[3]  # value [low, high]
     first = top1.set_index("model")["value"][expected[0]] * 100
     assert f"{first:.1f}" in lines[3]
     assert " ± " in lines[3]  # the probe's CV spread

@@ -5,6 +5,7 @@ One session-scoped materialization of the `shared` catalog (Leeds butterflies + 
 MobileNetV2 and tiny-clip) through a real Dagster instance serves every assertion.
 """
 import dagster as dg
+import pandas as pd
 import pytest
 
 from conftest import SHARED_DATA, local_resources
@@ -79,3 +80,36 @@ def test_random_tiny_model_zero_shot_is_near_chance(real_run, dataset):
     level, n_classes = DATASETS[dataset]
     value = metric(data_dir, dataset, "tiny-clip", "zero_shot", level, "top1_ensemble")
     assert abs(value - 1 / n_classes) < 0.25
+
+
+@pytest.mark.parametrize("dataset", list(DATASETS))
+def test_real_features_beat_the_random_model_significantly(real_run, dataset):
+    """Issue 13 on real data: MobileNetV2 against the random tiny CLIP, paired on the shared split."""
+    data_dir, _ = real_run
+    level, _ = DATASETS[dataset]
+    rows = warehouse.query(data_dir / "warehouse.duckdb",
+                           "SELECT * FROM model_differences WHERE dataset = ? AND task = 'knn' AND level = ? "
+                           "AND grp = 'all' AND metric = 'top1_cosine'", [dataset, level])
+    assert len(rows) == 1
+    row = rows.iloc[0]
+    assert row["model_a"] == "mobilenet-v2-imagenet" and row["model_b"] == "tiny-clip"
+    assert row["p_holm"] < 0.01 and row["p_mcnemar"] < 0.01 and row["ci_low"] > 0
+
+
+@pytest.mark.parametrize("dataset", list(DATASETS))
+def test_one_model_probed_with_two_seeds_is_tied_with_itself(real_run, dataset, monkeypatch_module):
+    """The same embeddings probed with two probe seeds: the paired comparison must not call the
+    difference real."""
+    from nfhm_pipeline.evaluation.intervals import model_differences
+    from nfhm_pipeline.evaluation.tables import probe_tables
+    from nfhm_pipeline.stages.base import Paths, load_evaluation_inputs
+
+    data_dir, _ = real_run
+    spec = load_catalog("shared").datasets[dataset]
+    inputs = load_evaluation_inputs(Paths.under(data_dir), spec, "mobilenet-v2-imagenet")
+    parts = []
+    for seed in (0, 1):
+        predictions = probe_tables(inputs.frame, inputs.vectors, spec.labels, seed=seed).frames()[2]
+        parts.append(predictions[predictions["task"] == "linear_probe"].assign(model=f"seed{seed}"))
+    frame = model_differences(pd.concat(parts, ignore_index=True), seed=0, n_resamples=1000)
+    assert len(frame) and (frame["p_holm"] >= 0.05).all()

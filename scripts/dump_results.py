@@ -40,8 +40,11 @@ def compare(a: Path, b: Path) -> bool:
         left, right = pd.read_parquet(a / f"{table}.parquet"), pd.read_parquet(b / f"{table}.parquet")
         common = [c for c in left.columns if c in right.columns]
         extra = sorted(set(left.columns) ^ set(right.columns))
+        def ordered(frame):  # sorted on the shared columns only: a new column must not reorder rows
+            return frame[common].sort_values(common, na_position="first", kind="mergesort").reset_index(drop=True)
+
         try:
-            pd.testing.assert_frame_equal(left[common], right[common], check_exact=True, check_dtype=False)
+            pd.testing.assert_frame_equal(ordered(left), ordered(right), check_exact=True, check_dtype=False)
             print(f"{table}: identical, {len(left)} rows" + (f" (columns only on one side: {extra})" if extra else ""))
         except AssertionError as exc:
             same = False

@@ -10,7 +10,8 @@ are resolved against the catalog file's folder, except ``generated`` sources,
 which live under ``NFHM_DATA_DIR``.
 
 A dataset entry has the common fields ``reader``, ``labels`` (finest level first), ``group``,
-``split``, ``prompts``, ``description``, ``uncertain_policy``, ``models``, ``umap`` and ``seed``,
+``split``, ``prompts``, ``description``, ``uncertain_policy``, ``models``, ``umap``, ``seed`` and
+``resamples``,
 plus the fields of its reader (``nfhm_pipeline.ingest.registry.READERS``: which are required,
 which are paths, how many label levels the reader supplies, whether ``group`` and
 ``split.group_by`` can be read from its source).
@@ -19,7 +20,8 @@ Two seeds, two jobs:
 
 - ``split.seed`` (default 0) seeds only the train/test split and its CV folds;
 - ``seed`` (an integer ≥ 0, default ``split.seed``) seeds what comes after the split: linear and
-  multi-label probes, alignment heads and the UMAP maps. For ``demo_shapes`` it also seeds the
+  multi-label probes, alignment heads, the UMAP maps and the bootstrap resamples behind every
+  interval (``resamples``, default 1000, at least 100). For ``demo_shapes`` it also seeds the
   generated collection (which uses 0 when ``seed`` is not given).
 
 Names the manifest defines itself (``RESERVED_COLUMNS``: uri, image_id, width, height, mode,
@@ -60,7 +62,7 @@ NEAR_DUPLICATE_ACTIONS = ("keep", "drop", "group")
 UNCERTAIN_POLICIES = {"ignore", "positive", "negative"}
 PROMPT_SETS = tuple(TEMPLATE_SETS)  # declared once, with their templates, in evaluation/prompts.py
 _DATASET_FIELDS = {"reader", "labels", "group", "split", "prompts", "description",
-                   "uncertain_policy", "models", "umap", "seed"}
+                   "uncertain_policy", "models", "umap", "seed", "resamples"}
 _SPLIT_FIELDS = {"test_fraction", "seed", "folds", "grouped", "group_by", "max_group_share",
                  "near_duplicates", "near_duplicate_distance"}
 DEFAULT_UMAP = {"n_neighbors": [5, 15, 50], "min_dist": [0.1, 0.5], "max_points": 3000}
@@ -113,8 +115,10 @@ class DatasetSpec:
     # Multi-label readers: the finding columns, validated at load (default: the reader's own list,
     # CheXpert's 14 findings). () for single-label datasets.
     findings: tuple[str, ...] = ()
-    # Seed of everything random after the split: probes, alignment heads, UMAP. None → split.seed.
+    # Seed of everything random after the split: probes, alignment heads, UMAP, bootstrap. None → split.seed.
     seed: int | None = None
+    # Bootstrap resamples behind every metric's 95 % interval and every paired model comparison.
+    resamples: int = 1000
 
     def __post_init__(self):
         if self.multilabel and not self.findings:
@@ -453,12 +457,17 @@ def _parse_dataset(name: Any, entry: Any, path: Path, models: dict[str, ModelSpe
             raise CatalogError(f"{where}: field {key!r} must be a single value, got {type(entry[key]).__name__}")
     findings = _check_findings(entry.get("findings"), record.default_findings, labels, where)
     seed = _check_seed(entry.get("seed", split.seed), where, "seed" if "seed" in entry else "split.seed")
+    resamples = entry.get("resamples", 1000)
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or not 100 <= resamples <= 100_000:
+        raise CatalogError(f"{where}: field 'resamples' must be a whole number from 100 to 100000 (bootstrap "
+                           f"resamples behind every interval), got {resamples!r}")
     params = {k: _expand_paths(k, v, path, record.path_fields) for k, v in entry.items() if k in record.fields}
     return DatasetSpec(
         name=name, reader=reader, params=params, labels=tuple(labels), group=group, split=split,
         prompts=prompts, description=_text(entry.get("description", ""), f"{where}: field 'description'"),
         multilabel=record.multilabel, uncertain_policy=policy, models=model_keys,
         umap=_parse_umap(entry.get("umap") or {}, where), findings=findings, seed=seed,
+        resamples=resamples,
     )
 
 

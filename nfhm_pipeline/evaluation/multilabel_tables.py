@@ -226,13 +226,39 @@ class AucResult:
     per_label: dict[str, pd.DataFrame] = field(default_factory=dict)  # task → label, auc, n_pos, n_neg, ...
     summary: dict[str, dict] = field(default_factory=dict)  # task → auc_summary
 
-    def add(self, task: str, level: str, table: pd.DataFrame, summary: dict, n_images: int) -> None:
+    def add(self, task: str, level: str, table: pd.DataFrame, summary: dict, n_images: int,
+            y=None, mask=None, scores=None) -> None:
+        """Record one task's per-label table; with the test targets ``y`` / ``mask`` and ``scores``
+        [n_test, F] (label order of ``table``), each ``auc:<label>`` row gets DeLong's 95 % interval."""
         self.per_label[task] = table
         self.summary[task] = summary
-        self.tables.metrics.append(auc_metric_rows(table, summary, task=task, level=level, n_images=n_images))
+        rows = auc_metric_rows(table, summary, task=task, level=level, n_images=n_images)
+        if scores is not None:
+            rows = _with_delong_intervals(rows, table, np.asarray(y), np.asarray(mask), np.asarray(scores, float))
+        self.tables.metrics.append(rows)
         for r in table.itertuples(index=False):
             if r.reason is not None and not pd.isna(r.reason):
                 self.tables.skipped.append(f"{task}/{r.label}: {r.reason}")
+
+
+def _with_delong_intervals(rows: pd.DataFrame, table: pd.DataFrame, y, mask, scores) -> pd.DataFrame:
+    from nfhm_pipeline.evaluation.confidence import delong_interval
+
+    low = np.full(len(rows), np.nan)
+    high = np.full(len(rows), np.nan)
+    method = np.full(len(rows), None, dtype=object)
+    position = {m: i for i, m in enumerate(rows["metric"])}
+    for j, label in enumerate(table["label"]):
+        i = position.get(label_metric(AUC, label))
+        if i is None or j >= scores.shape[1]:
+            continue
+        counted = mask[:, j].astype(bool) & ~np.isnan(scores[:, j])
+        if not counted.any():
+            continue
+        _, lo, hi = delong_interval(y[counted, j], scores[counted, j])
+        if np.isfinite(lo) and np.isfinite(hi):
+            low[i], high[i], method[i] = lo, hi, "delong"
+    return rows.assign(ci_low=low, ci_high=high, ci_method=method)
 
 
 def _split_rows(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -256,10 +282,12 @@ def multilabel_tables(frame: pd.DataFrame, vectors: np.ndarray, targets: AucTarg
     out = AucResult()
     scores, table = multilabel_probe(vectors[train], y[train], m[train], vectors[test], y[test], m[test],
                                      label_names=names, seed=seed)
-    out.add(PROBE_TASK, targets.level, table, auc_summary(y[test], m[test], scores), int(test.sum()))
+    out.add(PROBE_TASK, targets.level, table, auc_summary(y[test], m[test], scores), int(test.sum()),
+            y[test], m[test], scores)
     if text is not None:
         table, margin = _zero_shot_table(vectors[test], text, y[test], m[test], names)
-        out.add(ZERO_SHOT_TASK, targets.level, table, auc_summary(y[test], m[test], margin), int(test.sum()))
+        out.add(ZERO_SHOT_TASK, targets.level, table, auc_summary(y[test], m[test], margin), int(test.sum()),
+                y[test], m[test], margin)
         out.tables.exclude(ZERO_SHOT_TASK, targets.level, frame, test & zero_vectors(vectors), ZERO_VECTOR)
     else:
         out.tables.skipped.append(f"{ZERO_SHOT_TASK}: the model has no text tower")
@@ -310,7 +338,8 @@ def alignment_tables(frame: pd.DataFrame, vectors: np.ndarray, targets: AucTarge
     scores = head.scores(vectors[test]).astype(np.float64)
     out = AucResult()
     table = roc_auc_per_label(y[test], m[test], scores, names)
-    out.add(ALIGNMENT_TASK, targets.level, table, auc_summary(y[test], m[test], scores), int(test.sum()))
+    out.add(ALIGNMENT_TASK, targets.level, table, auc_summary(y[test], m[test], scores), int(test.sum()),
+            y[test], m[test], scores)
     zero_shot, _ = _zero_shot_table(vectors[test], text, y[test], m[test], names)
     comparison = auc_difference_table(zero_shot, table, "zero-shot", "alignment head")
     return AlignmentResult(head=head, auc=out, comparison=comparison)

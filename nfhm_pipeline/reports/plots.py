@@ -132,6 +132,7 @@ def knn_group_bars(
     Heights are percent (value * 100) on a 0-100 axis labelled 'Accuracy (%)', each bar labelled with
     its value; each model has its own colour (:func:`model_styles`); the legend sits below the axes
     so it never covers a bar. The title says that per-group bars search neighbours within the group.
+    Where the rows carry ``ci_low`` / ``ci_high``, each bar gets its 95 % interval as an error bar.
     ``baselines`` (rows of :func:`nfhm_pipeline.reports.summary.class_baselines` for this level,
     columns grp, majority, chance) adds, over each group's bars, a dashed line at the majority-class
     accuracy and a dotted one at chance. Returns a Figure.
@@ -165,11 +166,22 @@ def knn_group_bars(
     for ax, rule in zip(axes, rule_pair):
         table = rows[rows["metric"] == rule].pivot(index="grp", columns="model", values="value")
         table = table.reindex(index=groups, columns=models)
+        bounds = {}
+        if {"ci_low", "ci_high"} <= set(rows.columns):
+            for end in ("ci_low", "ci_high"):
+                bounds[end] = rows[rows["metric"] == rule].pivot(index="grp", columns="model", values=end) \
+                    .reindex(index=groups, columns=models)
         for i, model in enumerate(models):
             values = table[model].to_numpy(dtype=float)
             colour, hatch = styles[model]
+            yerr = None
+            if bounds:  # 95 % interval as error bars; none where a row has no interval
+                low = bounds["ci_low"][model].to_numpy(dtype=float)
+                high = bounds["ci_high"][model].to_numpy(dtype=float)
+                yerr = np.nan_to_num(np.vstack([values - low, high - values]) * 100, nan=0.0).clip(min=0)
             bars = ax.bar(x + (i - (len(models) - 1) / 2) * width, values * 100, width, label=model,
-                          color=colour, hatch=hatch or None, edgecolor="white" if hatch else None)
+                          color=colour, hatch=hatch or None, edgecolor="white" if hatch else None,
+                          yerr=yerr, error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "0.25"})
             ax.bar_label(bars, labels=[_pct(v) for v in values], padding=2,
                          fontsize=7, rotation=90 if n_bars > 12 else 0)
         if base is not None:

@@ -58,6 +58,10 @@ def rank_models(metrics: pd.DataFrame, *, level: str | None = None) -> pd.DataFr
     name; models without top1_cosine come last with rank <NA>. Values are fractions.
     """
     knn = _all_group_values(metrics, KNN, (TOP1_COSINE, MEAN_COSINE))
+    if "ci_low" in metrics.columns:  # the 95 % interval of the ranking metric, where stored
+        top1 = select_rows(metrics, task=KNN, grp="all", metric=[TOP1_COSINE]).set_index(["dataset", "level", "model"])
+        knn = knn.join(top1[["ci_low", "ci_high"]].rename(columns={"ci_low": "top1_cosine_ci_low",
+                                                                   "ci_high": "top1_cosine_ci_high"}), how="left")
     # the probe metrics evaluation.tables.probe_tables writes
     probe = select_rows(metrics, task=LINEAR_PROBE, grp="all", metric=[CV_ACCURACY, TEST_ACCURACY])
     if not probe.empty:
@@ -303,8 +307,10 @@ def markdown_summary(metrics: pd.DataFrame, embedding_runs: pd.DataFrame, datase
             header += ["linear probe, CV (mean ± std)", "linear probe, test"] if has_probe else []
             body = []
             for _, r in frame.iterrows():
-                cells = [("—" if pd.isna(r["rank"]) else int(r["rank"])), r["model"], _pct(r[TOP1_COSINE]),
-                         _pct(r[MEAN_COSINE])]
+                top1 = _pct(r[TOP1_COSINE])
+                if pd.notna(r.get("top1_cosine_ci_low", np.nan)):
+                    top1 += f" [{_pct(r['top1_cosine_ci_low'])}, {_pct(r['top1_cosine_ci_high'])}]"
+                cells = [("—" if pd.isna(r["rank"]) else int(r["rank"])), r["model"], top1, _pct(r[MEAN_COSINE])]
                 if has_probe:
                     cells += [_mean_std_pct(r["probe_cv_accuracy"], r["probe_cv_std"]), _pct(r["probe_test_accuracy"])]
                 body.append(cells)
@@ -314,6 +320,12 @@ def markdown_summary(metrics: pd.DataFrame, embedding_runs: pd.DataFrame, datase
                                     ("chance (1 / classes)", row["chance"])):
                     body.append(["—", name] + [_pct(value)] * (len(header) - 2))
             parts += [f"### Ranking — {lvl}", _md_table(header, body)]
+            if lvl in base.index and int(base.loc[lvl]["n_test"]) > 0:
+                from nfhm_pipeline.evaluation.confidence import detectable_difference
+
+                n_test = int(base.loc[lvl]["n_test"])
+                parts.append(f"With {n_test:,} test images, differences under ±{detectable_difference(n_test) * 100:.1f} "
+                             f"points cannot be told apart (top-1 cosine in brackets: 95 % paired-bootstrap interval).")
     speed = throughput_table(embedding_runs, dataset=dataset)
     parts.append("### Embedding speed")
     if speed.empty:

@@ -194,6 +194,12 @@ class EvaluationInputs:
     split_id: str | None
     fingerprint: str | None
     manifest: pd.DataFrame
+    # image_id → leakage unit of a grouped split (what the bootstrap resamples), None: images
+    units: "pd.Series | None" = None
+
+    @property
+    def resample_unit(self) -> str:
+        return "split_group" if self.units is not None else "image"
 
 
 def load_evaluation_inputs(paths: Paths, dataset, model: str) -> EvaluationInputs:
@@ -203,7 +209,26 @@ def load_evaluation_inputs(paths: Paths, dataset, model: str) -> EvaluationInput
     splits = read_split(paths, dataset.name)
     table = read_embeddings(paths, dataset.name, model)
     frame, vectors = evaluation_frame(manifest, splits, table, dataset.labels)
-    return EvaluationInputs(frame, vectors, split_id_of(splits), getattr(table, "fingerprint", None), manifest)
+    return EvaluationInputs(frame, vectors, split_id_of(splits), getattr(table, "fingerprint", None), manifest,
+                            resample_units(dataset, splits))
+
+
+def resample_units(dataset, splits: pd.DataFrame) -> "pd.Series | None":
+    """image_id → leakage unit when the split is grouped (the bootstrap then resamples units, as
+    the split kept them whole), else None (resample images)."""
+    if getattr(dataset.split, "group_by", None) and "split_group" in splits and splits["split_group"].notna().all():
+        return splits.set_index("image_id")["split_group"].astype(str)
+    return None
+
+
+def with_intervals(tables, dataset, inputs: EvaluationInputs):
+    """``tables`` with the 95 % intervals of its prediction-based metrics (paired bootstrap over the
+    test images, or over leakage units of a grouped split; seeded by the dataset's seed)."""
+    from nfhm_pipeline.evaluation.intervals import add_intervals
+
+    add_intervals(tables, inputs.frame, seed=stage_seed(dataset), n_resamples=dataset.resamples,
+                  units=inputs.units)
+    return tables
 
 
 # --- the one write of every evaluation stage ----------------------------------------------------
@@ -223,6 +248,8 @@ class Provenance:
     split_seed: int | None
     stage_seed: int | None
     device: str
+    ci_resamples: int | None = None
+    ci_unit: str | None = None
 
 
 def store_results(paths: Paths, dataset: str, model: str, tasks, tables, provenance: Provenance,
@@ -247,7 +274,7 @@ def store_results(paths: Paths, dataset: str, model: str, tasks, tables, provena
         run = {**where, "run_id": provenance.run_id, "stage": provenance.stage,
                "embedding_fingerprint": provenance.embedding_fingerprint, "split_id": provenance.split_id,
                "split_seed": provenance.split_seed, "stage_seed": provenance.stage_seed, **environment,
-               "created_at": now}
+               "created_at": now, "ci_resamples": provenance.ci_resamples, "ci_unit": provenance.ci_unit}
         writes.append(("runs", pd.DataFrame([run]), where))
     warehouse.replace_many(paths.warehouse, writes, log_wait=log)
     return metrics
@@ -278,6 +305,9 @@ def headline_metadata(metrics: pd.DataFrame, tables, headline, split_id: str | N
     meta = {"dagster/row_count": len(metrics), "results (grp=all)": markdown_table(table)}
     for row in overall.itertuples():
         meta[f"{row.level}/{row.metric}"] = float(row.value)
+        low, high = getattr(row, "ci_low", None), getattr(row, "ci_high", None)
+        if low is not None and pd.notna(low) and pd.notna(high):
+            meta[f"{row.level}/{row.metric} 95% CI"] = f"[{low:.4f}, {high:.4f}] ({row.ci_method})"
     meta.update(evaluation_metadata(tables, split_id))
     return meta
 
@@ -289,8 +319,10 @@ def stage_seed(dataset) -> int:
 
 def provenance_of(stage: str, dataset, inputs: "EvaluationInputs | None", device: Device | None, run_id: str | None,
                   *, split_id: str | None = None, fingerprint: str | None = None,
-                  seeded: bool = False) -> Provenance:
+                  seeded: bool = False, intervals: bool = False) -> Provenance:
     return Provenance(
+        ci_resamples=int(dataset.resamples) if intervals else None,
+        ci_unit=inputs.resample_unit if intervals and inputs is not None else None,
         run_id=new_run_id(run_id), stage=stage,
         embedding_fingerprint=inputs.fingerprint if inputs is not None else fingerprint,
         split_id=inputs.split_id if inputs is not None else split_id,

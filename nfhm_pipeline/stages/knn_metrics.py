@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from nfhm_pipeline.evaluation import names
 from nfhm_pipeline.stages.base import (
-    Device, Log, Paths, StageResult, headline_metadata, load_evaluation_inputs, provenance_of, quiet, store_results,
+    Device, Log, Paths, StageResult, headline_metadata, load_evaluation_inputs, provenance_of, quiet, store_results, with_intervals,
 )
 
 TASKS = (names.KNN,)
@@ -17,8 +17,10 @@ def run(dataset, model, paths: Paths, device: Device, *, run_id: str | None = No
     from nfhm_pipeline.evaluation.tables import knn_tables
 
     inputs = load_evaluation_inputs(paths, dataset, model.key)
-    tables = knn_tables(inputs.frame, inputs.vectors, dataset.labels, device=device.name)
+    tables = with_intervals(knn_tables(inputs.frame, inputs.vectors, dataset.labels, device=device.name),
+                            dataset, inputs)
     metrics = store_results(paths, dataset.name, model.key, TASKS, tables,
-                            provenance_of("knn_metrics", dataset, inputs, device, run_id), log)
+                            provenance_of("knn_metrics", dataset, inputs, device, run_id, seeded=True,
+                                          intervals=True), log)
     return StageResult(metadata=headline_metadata(metrics, tables, names.HEADLINE_METRICS[names.KNN],
                                                   inputs.split_id))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from nfhm_pipeline.evaluation import names
 from nfhm_pipeline.stages.base import (
     Device, Log, Paths, StageResult, headline_metadata, load_evaluation_inputs, provenance_of, quiet, stage_seed,
-    store_results,
+    store_results, with_intervals,
 )
 
 TASKS = (names.LINEAR_PROBE, names.LOGISTIC_PROBE)
@@ -19,10 +19,11 @@ def run(dataset, model, paths: Paths, device: Device | None = None, *, run_id: s
     from nfhm_pipeline.evaluation.tables import probe_tables
 
     inputs = load_evaluation_inputs(paths, dataset, model.key)
-    tables = probe_tables(inputs.frame, inputs.vectors, dataset.labels, seed=stage_seed(dataset))
+    tables = with_intervals(probe_tables(inputs.frame, inputs.vectors, dataset.labels, seed=stage_seed(dataset)),
+                            dataset, inputs)
     metrics = store_results(paths, dataset.name, model.key, TASKS, tables,
                             provenance_of("linear_probe_metrics", dataset, inputs, Device("cpu"), run_id,
-                                          seeded=True), log)
+                                          seeded=True, intervals=True), log)
     shown = metrics[metrics["task"] == names.LINEAR_PROBE] if len(metrics) else metrics
     return StageResult(metadata=headline_metadata(shown, tables, names.HEADLINE_METRICS[names.LINEAR_PROBE],
                                                   inputs.split_id))

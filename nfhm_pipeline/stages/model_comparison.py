@@ -16,8 +16,34 @@ def run(dataset, model=None, paths: Paths | None = None, device: Device | None =
         run_id: str | None = None, log: Log = quiet) -> StageResult:
     from nfhm_pipeline.reports.comparison import run_comparison
 
+    differences = write_model_differences(dataset, paths, log)
     report = run_comparison(dataset.name, dataset.labels, paths.warehouse, paths.reports)
-    return StageResult(metadata=comparison_metadata(report))
+    meta = comparison_metadata(report)
+    meta["model_differences"] = len(differences)
+    if len(differences):
+        tied = differences[(differences["grp"] == "all") & (differences["p_holm"] >= 0.05)]
+        meta["tied with the best (grp=all, Holm p >= 0.05)"] = markdown_table(
+            tied[["task", "level", "metric", "model_a", "model_b", "difference", "ci_low", "ci_high", "p_holm"]], 30)
+    return StageResult(metadata=meta)
+
+
+def write_model_differences(dataset, paths: Paths, log: Log = quiet):
+    """Paired comparisons of the models' current-split predictions (every model against the best,
+    bootstrap CI and p, Holm, McNemar), written to ``model_differences`` in one transaction."""
+    import datetime as dt
+
+    from nfhm_pipeline.evaluation.intervals import model_differences
+    from nfhm_pipeline.stages.base import read_split, resample_units, split_id_of
+    from nfhm_pipeline.store import provenance, warehouse
+
+    predictions = provenance.current_rows(paths.warehouse, "predictions", dataset.name)
+    splits = read_split(paths, dataset.name)
+    frame = model_differences(predictions, seed=int(dataset.seed), n_resamples=dataset.resamples,
+                              units=resample_units(dataset, splits))
+    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    frame = frame.assign(dataset=dataset.name, split_id=split_id_of(splits), created_at=now)
+    warehouse.replace_many(paths.warehouse, [("model_differences", frame, {"dataset": dataset.name})], log_wait=log)
+    return frame
 
 
 def comparison_metadata(report) -> dict:

@@ -51,12 +51,16 @@ WAREHOUSE_TABLES: dict[str, tuple[Column, ...]] = {
     "metrics": (
         _key("dataset"), _key("model"), _key("task"), Column("level", VARCHAR), Column("grp", VARCHAR),
         _key("metric"), Column("value", DOUBLE), Column("std", DOUBLE), Column("n", BIGINT),
-        Column("run_id", VARCHAR), Column("created_at", TIMESTAMP), Column("split_id", VARCHAR)),
+        Column("run_id", VARCHAR), Column("created_at", TIMESTAMP), Column("split_id", VARCHAR),
+        # 95 % interval of value and how it was made (bootstrap-paired, wilson, cv-std, ...); NULL: none
+        Column("ci_low", DOUBLE), Column("ci_high", DOUBLE), Column("ci_method", VARCHAR)),
     "per_class_metrics": (
         _key("dataset"), _key("model"), _key("task"), Column("level", VARCHAR), Column("grp", VARCHAR),
         Column("rule", VARCHAR), Column("class", VARCHAR), Column("support", BIGINT),
         Column("precision", DOUBLE), Column("recall", DOUBLE), Column("f1", DOUBLE),
-        Column("run_id", VARCHAR), Column("split_id", VARCHAR)),
+        Column("run_id", VARCHAR), Column("split_id", VARCHAR),
+        # Wilson 95 % interval of the class's recall: which classes are too small to judge
+        Column("recall_ci_low", DOUBLE), Column("recall_ci_high", DOUBLE)),
     "predictions": (
         _key("dataset"), _key("model"), _key("task"), Column("level", VARCHAR), Column("grp", VARCHAR),
         Column("rule", VARCHAR), _key("image_id"), Column("true_label", VARCHAR),
@@ -93,7 +97,17 @@ WAREHOUSE_TABLES: dict[str, tuple[Column, ...]] = {
         Column("open_clip_version", VARCHAR), Column("transformers_version", VARCHAR),
         Column("sklearn_version", VARCHAR), Column("dagster_version", VARCHAR), Column("numpy_version", VARCHAR),
         Column("python_version", VARCHAR), Column("git_commit", VARCHAR), Column("device", VARCHAR),
-        Column("device_name", VARCHAR), Column("created_at", TIMESTAMP)),
+        Column("device_name", VARCHAR), Column("created_at", TIMESTAMP),
+        # the intervals' bootstrap: resamples, unit (image, or the leakage-unit column), seed = stage_seed
+        Column("ci_resamples", INTEGER), Column("ci_unit", VARCHAR)),
+    # Paired comparisons on the shared split: each model against the best of its (task, level, grp,
+    # metric); difference = best - other, its bootstrap CI and p-value, Holm-adjusted over the others.
+    "model_differences": (
+        _key("dataset"), _key("task"), Column("level", VARCHAR), Column("grp", VARCHAR), _key("metric"),
+        _key("model_a"), _key("model_b"), Column("difference", DOUBLE), Column("ci_low", DOUBLE),
+        Column("ci_high", DOUBLE), Column("p_value", DOUBLE), Column("p_holm", DOUBLE), Column("test", VARCHAR),
+        Column("p_mcnemar", DOUBLE), Column("n", BIGINT), Column("split_id", VARCHAR),
+        Column("created_at", TIMESTAMP)),
 }
 
 
