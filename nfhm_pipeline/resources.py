@@ -44,11 +44,11 @@ class NfhmStorage(dg.ConfigurableResource):
 
     @property
     def lake(self) -> EmbeddingStore:
-        return EmbeddingStore(self.lake_root)
+        return self.paths().lake
 
     @property
     def warehouse_path(self) -> Path:
-        return self.data_path / "warehouse.duckdb"
+        return self.paths().warehouse
 
     def subdir(self, *parts: str) -> Path:
         return self.paths().subdir(*parts)

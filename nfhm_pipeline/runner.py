@@ -118,6 +118,7 @@ def _run_plan(plan, assets, resources, instance, outcome: CatalogRun, interrupte
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     by_key = {k: a for a in assets for k in a.keys}
     failed_datasets: set[str] = set()
+    order = _stage_order()  # a model's stages in the STAGES table's order
     current_ds = None
     for label, ds, stages, partition_key, is_manifest in plan:
         if interrupted():
@@ -132,7 +133,7 @@ def _run_plan(plan, assets, resources, instance, outcome: CatalogRun, interrupte
             # Every partitioned stage of the dataset in stage order (or those of the chosen analysis).
             keys = sorted({k for a in assets if a.partitions_def is not None for k in a.keys
                            if k.path[0] == ds and (not stages or k.path[-1] in stages)},
-                          key=lambda k: _stage_order().get(k.path[-1], 99))
+                          key=lambda k: order.get(k.path[-1], 99))
         else:
             keys = [dg.AssetKey([ds, s]) for s in stages]
         keys = [k for k in keys if k in by_key]
