@@ -22,6 +22,7 @@ from PIL import Image
 from conftest import local_resources
 from helpers import SPECIMENS_DATASET, write_leaves_catalog
 from helpers import write_leaves as shared_write_leaves
+from nfhm_pipeline import automation as automation_module
 from nfhm_pipeline.ingest import fingerprint
 from nfhm_pipeline.automation import (
     DEFAULT_REEMBED_CRON, SOURCE_FINGERPRINT_KEY, build_manifest_sensor, fingerprint_source, source_fingerprint,
@@ -287,7 +288,25 @@ def test_many_distinct_listed_files_are_stated_as_a_bounded_stable_sample(tmp_pa
     assert fingerprint_source(spec).digest != first.digest
 
 
-def test_a_dataset_past_its_time_budget_is_skipped_without_blocking_the_others(tmp_path):
+class StepClock:
+    """A ``time`` stand-in whose ``monotonic()`` moves ``step`` seconds on every read: a budget then
+    means a number of budget checks, the same on any machine (a real 0.2 s budget was not: a fast
+    machine read the million-row CSV inside it)."""
+
+    def __init__(self, step: float):
+        self.now, self.step = 0.0, step
+
+    def monotonic(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_a_dataset_past_its_time_budget_is_skipped_without_blocking_the_others(tmp_path, monkeypatch):
+    # One budget check per MiB hashed and per 200 000 CSV rows: the huge dataset makes about 17, a
+    # 12-row CSV or generated demo parameters at most 3. A 0.1 s budget at 0.01 s a read allows 10.
+    clock = StepClock(0.01)
+    monkeypatch.setattr(fingerprint, "time", clock)
+    monkeypatch.setattr(automation_module, "time", clock)
     csv = write_big_csv(tmp_path / "huge", 1_000_000, 30)
     catalog_path = big_catalog(tmp_path, csv)
     defs = defs_for(catalog_path, tmp_path / "data")
@@ -299,8 +318,7 @@ def test_a_dataset_past_its_time_budget_is_skipped_without_blocking_the_others(t
         return {r.tags["nfhm/dataset"] for r in data.run_requests}, json.loads(data.cursor)
 
     with dg.instance_for_test() as instance:
-        # 0.2 s cannot read a million rows, and is plenty for 12 rows or generated demo parameters.
-        got, cursor = tick(build_manifest_sensor(catalog, dataset_budget_s=0.2), None)
+        got, cursor = tick(build_manifest_sensor(catalog, dataset_budget_s=0.1), None)
         assert got == {"leaves", "specimens"} and cursor["skipped"] == ["huge"]
         assert set(cursor["fingerprints"]) == {"leaves", "specimens"}
         got, cursor = tick(build_manifest_sensor(catalog), json.dumps(cursor))  # retried next tick
