@@ -87,13 +87,16 @@ def open_instance() -> Iterator["dagster.DagsterInstance"]:
 
 def cmd_demo(args) -> int:
     from nfhm_pipeline.catalog import load_catalog
+    from nfhm_pipeline.progress import console_progress
     from nfhm_pipeline.runner import check_selection, materialize_catalog
 
     catalog = load_catalog(args.catalog)
     datasets, models = args.dataset or None, args.model or None
     check_selection(catalog, datasets, models)  # before anything starts: a typo runs nothing
     print(f"catalog {catalog.name} ({catalog.path}); data in {_data_dir()}")
-    with open_instance() as instance:
+    # Embedding stages show a bar on stderr (images done / total, images/s, time left); the
+    # run's own log lines stay in the Dagster event log, the console shows one line per run.
+    with open_instance() as instance, console_progress():
         outcome = materialize_catalog(catalog, instance=instance, datasets=datasets, models=models,
                                       only=args.only)
     if outcome.interrupted is not None:

@@ -347,3 +347,23 @@ def test_delong_paired_test_and_one_class():
     assert all(math.isnan(v) for v in delong_auc(ones, np.arange(10.0)))
     assert all(math.isnan(v) for v in delong_interval(~ones, np.arange(10.0)))
     assert all(math.isnan(v) for v in delong_paired_test(ones, np.arange(10.0), np.arange(10.0)))
+
+
+def test_bca_interval_is_scipys_bca_and_handles_degenerate_samples():
+    from scipy import stats
+
+    from nfhm_pipeline.evaluation.confidence import ConfidenceInputError, bca_interval
+
+    rng = np.random.default_rng(3)
+    x = rng.exponential(size=60)  # skewed: BCa moves the interval off the percentile one
+    estimate, low, high = bca_interval(x, n_resamples=2000, seed=11)
+    ref = stats.bootstrap((x,), np.mean, n_resamples=2000, method="BCa", vectorized=False,
+                          random_state=np.random.default_rng(11)).confidence_interval
+    assert (estimate, low, high) == (pytest.approx(x.mean()), pytest.approx(ref.low), pytest.approx(ref.high))
+    percentile = stats.bootstrap((x,), np.mean, n_resamples=2000, method="percentile", vectorized=False,
+                                 random_state=np.random.default_rng(11)).confidence_interval
+    assert low != pytest.approx(percentile.low, abs=1e-6) and low < estimate < high
+    assert bca_interval(np.ones(5)) == (1.0, 1.0, 1.0)  # every item a hit: no spread, no NaN
+    for bad in ([], [0.5], [0.1, np.nan], np.ones((2, 2))):
+        with pytest.raises(ConfidenceInputError):
+            bca_interval(bad)

@@ -55,8 +55,9 @@ def csv_project(tmp_path):
 
 
 def files_holding(data: Path, image_id: str) -> list[Path]:
-    """Pixel-cache entries named by `image_id` and lake (table or checkpoint) Parquet files listing it."""
-    found = list((data / "cache").rglob(f"{image_id}.npy"))
+    """Pixel-cache chunks listing `image_id` (their .ids index fragments) and lake (table or
+    checkpoint) Parquet files listing it."""
+    found = [ids for ids in (data / "cache").rglob("*.ids") if image_id in ids.read_text().split()]
     for part in (data / "lake").rglob("*.parquet"):
         table = pq.read_table(part)
         if "image_id" in table.column_names and image_id in set(table.column("image_id").to_pylist()):

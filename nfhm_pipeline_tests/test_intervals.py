@@ -81,7 +81,9 @@ def test_the_demo_stores_intervals_that_contain_their_values(demo_run):
     db = data_dir / "warehouse.duckdb"
     metrics = warehouse.read_table(db, "metrics")
     boot = metrics[metrics["ci_method"] == "bootstrap-paired"]
-    assert len(boot) and set(boot["task"]) == {"knn", "linear_probe", "logistic_probe"}
+    assert len(boot) and set(boot["task"]) == {"knn", "linear_probe", "logistic_probe", "zero_shot", "retrieval"}
+    shot = metrics[metrics["task"].isin(["zero_shot", "retrieval"]) & metrics["model"].eq("tiny-clip")]
+    assert len(shot) and (shot["ci_method"] == "bootstrap-paired").all()
     assert ((boot["ci_low"] <= boot["value"] + 1e-12) & (boot["value"] <= boot["ci_high"] + 1e-12)).all()
     assert (boot["ci_low"] >= 0).all() and (boot["ci_high"] <= 1).all()
     cv = metrics[metrics["ci_method"] == "cv-std"]
@@ -104,3 +106,79 @@ def test_paired_resamples_are_shared_by_every_model_of_a_dataset(demo_run):
     a = resample_counts(50, 200, seed=7)
     b = resample_counts(50, 200, seed=7)
     assert np.array_equal(a, b) and not np.array_equal(a, resample_counts(50, 200, seed=8))
+
+
+def _zero_shot_case(seed=0, n=40, classes=("ant", "bee", "cat"), dim=8, zero_rows=(3,)):
+    from nfhm_pipeline.evaluation.zero_shot import DEFAULT_TEMPLATES
+
+    rng = np.random.default_rng(seed)
+    labels = rng.choice(classes, n)
+    centers = {c: rng.normal(size=dim) for c in classes}
+    vectors = np.stack([centers[c] + 1.5 * rng.normal(size=dim) for c in labels]).astype(np.float32)
+    vectors[list(zero_rows)] = 0.0  # no prediction: a miss, and never a retrieval candidate
+    frame = pd.DataFrame({"image_id": [f"i{i:03d}" for i in range(n)], "species": labels,
+                          "split": ["test"] * n})
+    templates = DEFAULT_TEMPLATES[:2]
+    prompts = pd.DataFrame([{"level": "species", "class": c, "template": t} for c in classes for t in templates])
+    text = np.stack([centers[c] + 0.3 * rng.normal(size=dim) for c in prompts["class"]]).astype(np.float32)
+    return frame, vectors, prompts, text
+
+
+def test_zero_shot_and_retrieval_item_scores_average_to_the_stored_values():
+    """Each metric row is exactly the mean of the per-item scores the bootstrap resamples: the
+    item order, the misses (an all-zero vector) and the text-query side all line up."""
+    from nfhm_pipeline.evaluation.tables import zero_shot_tables
+
+    frame, vectors, prompts, text = _zero_shot_case()
+    tables = zero_shot_tables(frame, vectors, prompts, text, ["species"])
+    metrics = tables.frames()[0].set_index(["task", "metric"])["value"]
+    assert len(tables.item_scores) == len(metrics)
+    for item in tables.item_scores:
+        assert np.mean(item.scores) == pytest.approx(metrics[(item.task, item.metric)], abs=1e-12), item.metric
+        if item.images:
+            assert list(item.ids) == list(frame["image_id"]) and item.scores[3] == 0.0
+        else:
+            assert list(item.ids) == ["text:ant", "text:bee", "text:cat"]
+
+
+def test_zero_shot_interval_equals_a_plain_resampling_loop_and_scipy_bootstrap():
+    from scipy import stats
+
+    from nfhm_pipeline.evaluation.confidence import resample_counts
+    from nfhm_pipeline.evaluation.intervals import add_intervals
+    from nfhm_pipeline.evaluation.tables import zero_shot_tables
+
+    frame, vectors, prompts, text = _zero_shot_case(seed=1, n=80)
+    tables = zero_shot_tables(frame, vectors, prompts, text, ["species"])
+    add_intervals(tables, frame, seed=5, n_resamples=2000)
+    metrics = tables.frames()[0].set_index("metric")
+    item = next(i for i in tables.item_scores if i.metric == "top1_ensemble")
+    # Plain reference: the same count rows, one weighted mean at a time.
+    counts = resample_counts(len(item.ids), 2000, 5)
+    means = [sum(c * s for c, s in zip(row, item.scores)) / row.sum() for row in counts]
+    low, high = np.percentile(means, [2.5, 97.5])
+    assert metrics.loc["top1_ensemble", "ci_low"] == pytest.approx(low, abs=1e-12)
+    assert metrics.loc["top1_ensemble", "ci_high"] == pytest.approx(high, abs=1e-12)
+    ref = stats.bootstrap((item.scores,), np.mean, n_resamples=2000, method="percentile",
+                          random_state=np.random.default_rng(0)).confidence_interval
+    assert abs(ref.low - low) < 0.03 and abs(ref.high - high) < 0.03  # Monte-Carlo error of B = 2000
+    text_row = metrics.loc["text_to_image_recall@1"]
+    assert text_row["ci_method"] == "bootstrap-paired" and text_row["ci_low"] <= text_row["value"] <= text_row["ci_high"]
+
+
+def test_zero_shot_intervals_resample_groups_when_the_split_is_grouped():
+    from nfhm_pipeline.evaluation.intervals import add_intervals
+    from nfhm_pipeline.evaluation.tables import zero_shot_tables
+
+    frame, vectors, prompts, text = _zero_shot_case(seed=2, n=60, zero_rows=())
+    # Ten "patients" of six images each, each patient's images alike: hits come in blocks.
+    frame["species"] = np.repeat(frame["species"].to_numpy()[::6], 6)
+    vectors = np.repeat(vectors[::6], 6, axis=0)
+    units = pd.Series(np.repeat([f"p{i}" for i in range(10)], 6), index=frame["image_id"])
+    width = {}
+    for name, by in (("images", None), ("groups", units)):
+        tables = zero_shot_tables(frame, vectors, prompts, text, ["species"])
+        add_intervals(tables, frame, seed=0, n_resamples=1000, units=by)
+        row = tables.frames()[0].set_index("metric").loc["top1_ensemble"]
+        width[name] = row["ci_high"] - row["ci_low"]
+    assert width["groups"] > 1.5 * width["images"]

@@ -233,7 +233,21 @@ def test_alignment_head_metadata_compares_every_finding_with_zero_shot(chest):
     assert 0 <= better + worse <= len(FINDINGS)
     m = metrics_of(data_dir, "chest_ignore", "tiny-clip").set_index(["task", "metric"])["value"]
     diffs = [m["alignment_head", f"auc:{f}"] - m["multilabel_zero_shot", f"auc:{f}"] for f in FINDINGS]
-    assert better == sum(d > 0.005 for d in diffs) and worse == sum(d < -0.005 for d in diffs)
+    # better / worse: beyond half a point AND DeLong's paired p < 0.05 on the stored test entries
+    from nfhm_pipeline.evaluation.confidence import delong_paired_test
+
+    scores = warehouse.read_table(data_dir / "warehouse.duckdb", "auc_scores", dataset="chest_ignore",
+                                  model="tiny-clip")
+    p = []
+    for f in FINDINGS:
+        pair = [scores[(scores["task"] == t) & (scores["finding"] == f)].set_index("image_id")
+                for t in ("alignment_head", "multilabel_zero_shot")]
+        both = pair[0].join(pair[1], rsuffix="_zero_shot", how="inner")
+        assert len(both) == len(pair[0]) == len(pair[1])
+        p.append(delong_paired_test(both["target"].to_numpy(), both["score"].to_numpy(),
+                                    both["score_zero_shot"].to_numpy())[1])
+    assert better == sum(d > 0.005 and q < 0.05 for d, q in zip(diffs, p))
+    assert worse == sum(d < -0.005 and q < 0.05 for d, q in zip(diffs, p))
 
 
 def test_rerun_with_the_same_seed_gives_identical_numbers_and_head(chest):

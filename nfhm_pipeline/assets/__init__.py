@@ -6,8 +6,13 @@ device (embedding, the kNN Gram matrices, the alignment head), so one GPU is nev
 Warehouse writes need no pool: the warehouse serialises its writers itself with a file lock held
 only for the write's transaction (``store.warehouse``), so a CPU step never waits for a GPU step
 to finish its compute, nor the other way round.
+
+The embedding stages also carry op tags that only the distributed executors read: a GPU request for
+their Kubernetes pod (``dagster-k8s/config``, ``NFHM_K8S_GPU_LIMIT`` GPUs, default 1) and the Celery
+queue ``gpu`` (``dagster-celery/queue``). The multiprocess executor ignores both.
 """
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -16,6 +21,7 @@ from typing import Callable
 import dagster as dg
 
 from nfhm_pipeline.catalog import Catalog, DatasetSpec
+from nfhm_pipeline.errors import SettingsError
 from nfhm_pipeline.resources import NfhmStorage, TorchDevice
 from nfhm_pipeline.stages import (
     alignment_head, embedding_maps, image_embeddings, knn_metrics, linear_probe_metrics, manifest,
@@ -47,6 +53,26 @@ class Stage:
     partitioned: bool = True  # one partition per catalog model
     applies: Callable[[DatasetSpec], bool] = _always
     cron: str | None = None  # on_cron automation instead of eager
+    op_tags: Callable[[], dict] | None = None  # read when the code location loads
+
+
+def gpu_step_tags() -> dict:
+    """Op tags of a step that needs a GPU on a cluster (deploy/k8s-gpu-op-tags.yaml, with
+    ``NFHM_K8S_GPU_LIMIT`` GPUs): read by dagster-k8s (pod resources) and dagster-celery (queue)."""
+    raw = os.environ.get("NFHM_K8S_GPU_LIMIT", "1").strip()
+    if not raw.isdigit() or int(raw) < 1:
+        raise SettingsError(f"environment variable NFHM_K8S_GPU_LIMIT={raw!r} must be a whole number >= 1 "
+                            "(GPUs per embedding pod); unset it (default 1) or fix it")
+    return {
+        "dagster-k8s/config": {
+            "container_config": {"resources": {"limits": {"nvidia.com/gpu": str(int(raw))}}},
+            "pod_spec_config": {
+                "node_selector": {"nvidia.com/gpu.present": "true"},
+                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            },
+        },
+        "dagster-celery/queue": "gpu",
+    }
 
 
 def _text_deps(spec: DatasetSpec) -> tuple[str, ...]:
@@ -62,9 +88,11 @@ def _comparison_deps(spec: DatasetSpec) -> tuple[str, ...]:
 # In the order the runner materializes a model's stages (Dagster orders dependent steps anyway).
 STAGES: tuple[Stage, ...] = (
     Stage("image_manifest", manifest, (), frozenset({"parquet", "duckdb"}), partitioned=False),
-    Stage("image_embeddings", image_embeddings, ("image_manifest",), frozenset({"pytorch", "parquet"}), pool="gpu"),
+    Stage("image_embeddings", image_embeddings, ("image_manifest",), frozenset({"pytorch", "parquet"}), pool="gpu",
+          op_tags=gpu_step_tags),
     Stage("splits", splits, ("image_manifest",), frozenset({"duckdb"}), partitioned=False),
-    Stage("text_embeddings", text_embeddings, _text_deps, frozenset({"pytorch", "parquet"}), pool="gpu"),
+    Stage("text_embeddings", text_embeddings, _text_deps, frozenset({"pytorch", "parquet"}), pool="gpu",
+          op_tags=gpu_step_tags),
     Stage("knn_metrics", knn_metrics, ("image_embeddings", "splits"), frozenset({"pytorch", "duckdb"}), pool="gpu"),
     Stage("linear_probe_metrics", linear_probe_metrics, ("image_embeddings", "splits"),
           frozenset({"scikitlearn", "duckdb"})),
@@ -98,7 +126,8 @@ def _asset(catalog: Catalog, spec: DatasetSpec, stage: Stage, partitions) -> dg.
               partitions_def=partitions if stage.partitioned else None,
               deps=[dg.AssetKey([spec.name, d]) for d in deps], check_specs=checks or None,
               automation_condition=dg.AutomationCondition.on_cron(stage.cron) if stage.cron else EAGER(),
-              description=describe(spec) if describe else module.DESCRIPTION)
+              description=describe(spec) if describe else module.DESCRIPTION,
+              op_tags=stage.op_tags() if stage.op_tags else None)
     def _stage_asset(context: dg.AssetExecutionContext, storage: NfhmStorage,
                      torch_device: TorchDevice) -> dg.MaterializeResult:
         model = catalog.models[context.partition_key] if stage.partitioned else None

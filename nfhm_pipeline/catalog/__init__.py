@@ -10,8 +10,11 @@ are resolved against the catalog file's folder, except ``generated`` sources,
 which live under ``NFHM_DATA_DIR``.
 
 A dataset entry has the common fields ``reader``, ``labels`` (finest level first), ``group``,
-``split``, ``prompts``, ``description``, ``uncertain_policy``, ``models``, ``umap``, ``seed`` and
-``resamples``,
+``split``, ``prompts``, ``description``, ``uncertain_policy``, ``models``, ``umap``, ``seed``,
+``resamples`` and ``resample_by`` (what one bootstrap draw takes: ``image``, or the ``group`` /
+``split.group_by`` column; default: the leakage unit of a grouped split, else an image); ``umap`` is
+``{grid: default|seed}`` (seed 001's 10 × 5) or explicit ``n_neighbors`` / ``min_dist`` lists, plus
+``max_points``,
 plus the fields of its reader (``nfhm_pipeline.ingest.registry.READERS``: which are required,
 which are paths, how many label levels the reader supplies, whether ``group`` and
 ``split.group_by`` can be read from its source).
@@ -62,11 +65,13 @@ NEAR_DUPLICATE_ACTIONS = ("keep", "drop", "group")
 UNCERTAIN_POLICIES = {"ignore", "positive", "negative"}
 PROMPT_SETS = tuple(TEMPLATE_SETS)  # declared once, with their templates, in evaluation/prompts.py
 _DATASET_FIELDS = {"reader", "labels", "group", "split", "prompts", "description",
-                   "uncertain_policy", "models", "umap", "seed", "resamples"}
+                   "uncertain_policy", "models", "umap", "seed", "resamples", "resample_by"}
 _SPLIT_FIELDS = {"test_fraction", "seed", "folds", "grouped", "group_by", "max_group_share",
                  "near_duplicates", "near_duplicate_distance"}
-DEFAULT_UMAP = {"n_neighbors": [5, 15, 50], "min_dist": [0.1, 0.5], "max_points": 3000}
-_MODEL_FIELDS = {"loader", "description", "build"}
+# The maps' grid: a named one (nfhm_pipeline.reports.maps.GRIDS: "default" 3 x 2, "seed" = seed 001's
+# 10 x 5) or explicit lists (then "grid" reads "custom"); these values are GRIDS["default"].
+DEFAULT_UMAP = {"grid": "default", "n_neighbors": [5, 15, 50], "min_dist": [0.1, 0.5], "max_points": 3000}
+_MODEL_FIELDS = {"loader", "description", "build", "cache", "jpeg_draft"}
 _TOP_LEVEL_FIELDS = {"datasets", "models", "description", "include_models"}
 
 
@@ -119,6 +124,10 @@ class DatasetSpec:
     seed: int | None = None
     # Bootstrap resamples behind every metric's 95 % interval and every paired model comparison.
     resamples: int = 1000
+    # What one bootstrap draw takes: None → the split's leakage unit when it is grouped, else one
+    # image; "image" → one image even in a grouped split; the `group` or `split.group_by` column →
+    # all images sharing its value (images without one are their own unit).
+    resample_by: str | None = None
 
     def __post_init__(self):
         if self.multilabel and not self.findings:
@@ -142,6 +151,12 @@ class ModelSpec:
     params: dict[str, Any]
     description: str = ""
     build: str | None = None  # how the project builds the weights itself (offline demo models)
+    # Keep decoded pixels in the packed pixel cache (``cache: off``: decode every run; for
+    # collections whose cache would not fit the disk, NFHM_PIXEL_CACHE_MAX_GB bounds it instead).
+    pixel_cache: bool = True
+    # Decode large JPEGs at reduced size (DCT scaling, within embedders.preprocess.DRAFT_TOLERANCE
+    # of the exact pixels); its own pixel key and fingerprint, so never mixed with exact pixels.
+    jpeg_draft: bool = False
 
     def loader_spec(self) -> dict[str, Any]:
         return {"loader": self.loader, **self.params}
@@ -362,8 +377,17 @@ def _parse_model(key: Any, entry: Any, path: Path) -> ModelSpec:
               for k, v in entry.items() if k not in _MODEL_FIELDS}
     if build is not None and build != "tiny_openclip":
         raise CatalogError(f"{where}: field 'build' is {build!r}; the only builder is 'tiny_openclip'")
+    # YAML reads a bare on/off as true/false; the quoted words mean the same.
+    cache = {"on": True, "off": False}.get(entry.get("cache"), entry.get("cache", True))
+    if not isinstance(cache, bool):
+        raise CatalogError(f"{where}: field 'cache' must be on or off (keep decoded pixels between runs), "
+                           f"got {entry.get('cache')!r}")
+    jpeg_draft = entry.get("jpeg_draft", False)
+    if not isinstance(jpeg_draft, bool):
+        raise CatalogError(f"{where}: field 'jpeg_draft' must be true or false, got {jpeg_draft!r}")
     return ModelSpec(key=key, loader=loader, params=params,
-                     description=_text(entry.get("description", ""), f"{where}: field 'description'"), build=build)
+                     description=_text(entry.get("description", ""), f"{where}: field 'description'"), build=build,
+                     pixel_cache=cache, jpeg_draft=jpeg_draft)
 
 
 # Fields whose value is a list of numbers (normalisation constants); every other field is a scalar.
@@ -461,14 +485,29 @@ def _parse_dataset(name: Any, entry: Any, path: Path, models: dict[str, ModelSpe
     if isinstance(resamples, bool) or not isinstance(resamples, int) or not 100 <= resamples <= 100_000:
         raise CatalogError(f"{where}: field 'resamples' must be a whole number from 100 to 100000 (bootstrap "
                            f"resamples behind every interval), got {resamples!r}")
+    resample_by = _check_resample_by(entry.get("resample_by"), group, split, where)
     params = {k: _expand_paths(k, v, path, record.path_fields) for k, v in entry.items() if k in record.fields}
     return DatasetSpec(
         name=name, reader=reader, params=params, labels=tuple(labels), group=group, split=split,
         prompts=prompts, description=_text(entry.get("description", ""), f"{where}: field 'description'"),
         multilabel=record.multilabel, uncertain_policy=policy, models=model_keys,
         umap=_parse_umap(entry.get("umap") or {}, where), findings=findings, seed=seed,
-        resamples=resamples,
+        resamples=resamples, resample_by=resample_by,
     )
+
+
+def _check_resample_by(value: Any, group: str | None, split: SplitSettings, where: str) -> str | None:
+    """``resample_by`` names what the bootstrap draws: "image", or a per-image column the manifest
+    carries (the dataset's ``group`` or the split's ``group_by``)."""
+    if value is None:
+        return None
+    choices = ["image"] + [c for c in dict.fromkeys([split.group_by, group]) if c]
+    if not isinstance(value, str) or value not in choices:
+        hint = ("" if len(choices) > 1 else "; to resample by a column (patient, video, specimen), declare it as "
+                "'group' or 'split.group_by' first")
+        raise CatalogError(f"{where}: field 'resample_by' must be one of {choices} (what one bootstrap draw "
+                           f"takes), got {value!r}{hint}")
+    return value
 
 
 def _check_column_name(name: str, where: str) -> None:
@@ -509,17 +548,37 @@ def _check_seed(seed: Any, where: str, name: str = "seed") -> int:
 
 
 def _parse_umap(raw: Any, where: str) -> dict:
+    """``umap: {grid: seed}`` (a named grid), ``umap: {n_neighbors: [...], min_dist: [...]}`` (explicit
+    lists; an omitted one is the default's), either with ``max_points``; returns every key of DEFAULT_UMAP."""
+    from nfhm_pipeline.reports.maps import GRIDS  # named grids are declared once, beside the maps
+
     if not isinstance(raw, dict) or set(raw) - set(DEFAULT_UMAP):
-        raise CatalogError(f"{where}: field 'umap' must be a mapping with keys {sorted(DEFAULT_UMAP)}")
-    grid = {**DEFAULT_UMAP, **raw}
+        raise CatalogError(f"{where}: field 'umap' must be a mapping with keys {sorted(DEFAULT_UMAP)}, "
+                           f"e.g. umap: {{grid: seed}} for seed 001's 10 x 5 grid")
+    name = raw.get("grid")
+    if name is not None:
+        if not isinstance(name, str) or name not in GRIDS:
+            raise CatalogError(f"{where}: field 'umap.grid' must be one of {sorted(GRIDS)}, got {name!r}")
+        if {"n_neighbors", "min_dist"} & set(raw):
+            raise CatalogError(f"{where}: field 'umap' gives both 'grid' and 'n_neighbors'/'min_dist'; "
+                               "give a named grid or the lists, not both")
+        grid = {**DEFAULT_UMAP, **{key: list(values) for key, values in GRIDS[name].items()}, "grid": name}
+    else:
+        grid = {**DEFAULT_UMAP, **raw, "grid": "custom" if {"n_neighbors", "min_dist"} & set(raw) else "default"}
+    grid["max_points"] = raw.get("max_points", DEFAULT_UMAP["max_points"])
     for key in ("n_neighbors", "min_dist"):
         values = grid[key]
-        if not isinstance(values, list) or not values or not all(isinstance(v, (int, float)) for v in values):
-            raise CatalogError(f"{where}: field 'umap.{key}' must be a non-empty list of numbers")
+        if not isinstance(values, list) or not values or \
+                not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise CatalogError(f"{where}: field 'umap.{key}' must be a non-empty list of numbers, got {values!r}")
     if not all(isinstance(v, int) and v >= 2 for v in grid["n_neighbors"]):
-        raise CatalogError(f"{where}: field 'umap.n_neighbors' values must be integers ≥ 2")
-    if not isinstance(grid["max_points"], int) or grid["max_points"] < 10:
-        raise CatalogError(f"{where}: field 'umap.max_points' must be an integer ≥ 10")
+        raise CatalogError(f"{where}: field 'umap.n_neighbors' values must be integers ≥ 2, "
+                           f"got {grid['n_neighbors']!r}")
+    if not all(0 <= v <= 1 for v in grid["min_dist"]):  # UMAP's spread is 1: min_dist beyond it is refused
+        raise CatalogError(f"{where}: field 'umap.min_dist' values must lie between 0 and 1, got {grid['min_dist']!r}")
+    points = grid["max_points"]
+    if isinstance(points, bool) or not isinstance(points, int) or points < 10:
+        raise CatalogError(f"{where}: field 'umap.max_points' must be an integer ≥ 10, got {points!r}")
     return grid
 
 

@@ -192,6 +192,24 @@ def weights_identity(path: str | os.PathLike) -> str:
     return f"sha256:{file_sha256(path)}"
 
 
+def file_identity(path: str | os.PathLike) -> list[dict]:
+    """What the file system says about a file (or every file under a folder) without reading its
+    bytes: one {'path', 'target', 'size', 'mtime_ns'} per file, sorted by path. 'target' is the
+    file a symlink resolves to (in a Hugging Face cache, the blob named by the content's hash).
+
+    A rewritten file changes size or mtime; a file only touched changes mtime too, which costs one
+    model load (the fingerprint then proves nothing changed), never a wrong reuse.
+    """
+    root = Path(os.path.expanduser(str(path)))
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    out = []
+    for p in files:
+        st = p.stat()  # follows symlinks: the blob's size and mtime
+        out.append({"path": str(p.absolute()), "target": str(p.resolve()), "size": st.st_size,
+                    "mtime_ns": st.st_mtime_ns})
+    return out
+
+
 def require_local_file(path: str | os.PathLike, *, model_id: str, what: str = "weights file") -> str:
     """Return `path` as str if it is a file, else raise MissingWeightsError saying how to fix it."""
     need = RequiredFiles(model_id)

@@ -1,19 +1,35 @@
 """Stage 2: manifest → per-model embedding table (incremental, checkpointed).
 
-Images are decoded and resized once per preprocessing spec (size, resize mode,
-interpolation) into a uint8 cache shared by every model with that spec; each
-model's mean/std normalisation runs on the device. On a GPU decoding costs more
+Images are decoded and resized once per preprocessing spec (size, resize mode, interpolation,
+reduced JPEG decode) into the packed uint8 cache of `pixel_cache.py`, shared by every model with
+that spec; each model's mean/std normalisation runs on the device. On a GPU decoding costs more
 than a ViT-B forward pass, so decoding per model would waste most of the run.
 
 The cache is content-addressed by the manifest's image_id (sha256 of the bytes), so what is decoded
 must be those bytes: each file is read once, hashed, and decoded from the same bytes
-(`load_verified_rgb`). A file rewritten since the manifest was built (the nightly re-embedding
+(`decode_verified`). A file rewritten since the manifest was built (the nightly re-embedding
 schedule runs without the manifest) fails its partition with a message naming the file, and
 nothing is cached or stored for it.
+
+How a chunk of images is embedded (`make_batches`): a background thread produces the batches in
+order (the same batches as ever: consecutive positions, `batch_size` each, so the forward pass sees
+exactly the tensors it always did) into a small queue while the calling thread runs the forward
+pass, so decoding and cache reads overlap compute. For each batch the producer copies cached rows
+out of the chunk files and decodes the rest in a thread pool (one thread per available core; PIL
+releases the GIL while decoding and resizing), writing them to the cache a chunk at a time. Batch
+buffers are reused from a small ring, pinned on CUDA so the host-to-device copy is asynchronous.
+With a `jpeg_draft` spec on CUDA, JPEGs are decoded on the GPU in one batched
+``torchvision.io.decode_jpeg`` call, any image it cannot take going the CPU way (exact specs never
+take the GPU way: nvJPEG's and torch's resampling are not bit-identical to PIL's).
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -22,125 +38,327 @@ import numpy as np
 import pandas as pd
 
 from nfhm_pipeline.catalog import ModelSpec
+from nfhm_pipeline.embedders.pixel_cache import PixelCache
+from nfhm_pipeline.embedders.preprocess import PreprocessSpec
+from nfhm_pipeline.errors import ManifestError
 from nfhm_pipeline.store.embedding_store import EmbeddingStore, EmbedReport
 
-
-# Cache entries written before decoding verified the bytes' hash may hold another content's pixels
-# under an id; a new layout folder leaves them unread (they cost one re-decode, never a wrong answer).
-PIXEL_CACHE_LAYOUT = "verified-v1"
-
-
-class PixelCache:
-    """uint8 [3, S, S] arrays keyed by (pixel_key, image_id); image_id is the sha256 of the bytes,
-    so an entry is valid forever and shared across datasets. Only pixels decoded from bytes whose
-    sha256 was checked equal to image_id are written (see `_PixelDataset._decode`)."""
-
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-
-    def path(self, pixel_key: str, image_id: str) -> Path:
-        return self.root / PIXEL_CACHE_LAYOUT / pixel_key / image_id[:2] / f"{image_id}.npy"
-
-    def load_or_decode(self, pixel_key: str, image_id: str, uri: str,
-                       decode: Callable[[str, str], np.ndarray]) -> np.ndarray:
-        """Cached pixels of `image_id`, or ``decode(uri, image_id)`` stored first. `decode` must
-        raise rather than return pixels of bytes other than `image_id`'s."""
-        path = self.path(pixel_key, image_id)
-        try:
-            return np.load(path, allow_pickle=False)
-        except (FileNotFoundError, ValueError, OSError):
-            pass
-        pixels = decode(uri, image_id)
-        from nfhm_pipeline.store.files import atomic_path
-
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.save(f, pixels, allow_pickle=False)
-        return pixels
-
-
-class _PixelDataset:
-    """Map-style dataset for torch's DataLoader: position → (position, uint8 tensor, error message).
-
-    A file that cannot be used gives its ManifestError's message (and zero pixels) instead of
-    raising: raised in a loader worker process, torch would re-raise it with the worker's traceback
-    pasted into the message; the main process raises it as it was (see `make_batches`)."""
-
-    def __init__(self, image_ids, uris, positions, preprocess, cache: PixelCache, dataset: str | None = None):
-        self.image_ids, self.uris, self.positions = image_ids, uris, list(positions)
-        self.preprocess, self.cache, self.dataset = preprocess, cache, dataset
-
-    def __len__(self):
-        return len(self.positions)
-
-    def _decode(self, uri: str, image_id: str) -> np.ndarray:
-        from nfhm_pipeline.embedders.preprocess import decode_to_uint8
-        from nfhm_pipeline.ingest.images import load_verified_rgb
-
-        return decode_to_uint8(load_verified_rgb(uri, image_id, dataset=self.dataset), self.preprocess)
-
-    def __getitem__(self, i):
-        import torch
-
-        from nfhm_pipeline.errors import ManifestError
-
-        pos = self.positions[i]
-        try:
-            pixels = self.cache.load_or_decode(self.preprocess.pixel_key, self.image_ids[pos], self.uris[pos],
-                                               self._decode)
-        except ManifestError as e:
-            size = self.preprocess.size
-            return pos, torch.zeros((3, size, size), dtype=torch.uint8), str(e)
-        return pos, torch.from_numpy(np.ascontiguousarray(pixels)), ""
+__all__ = ["EmbedSettings", "EmbedTimings", "PixelCache", "decode_images", "decode_verified", "embed_manifest",
+           "embedding_identity", "make_batches", "model_loader_spec", "use_jpeg_draft"]
 
 
 @dataclass
 class EmbedSettings:
+    """batch_size: images per forward pass. num_workers: no longer used (decoding runs in threads of
+    this process, `decode_threads`); kept so existing callers need no change. chunk_size: images per
+    checkpoint. decode_threads: decoding threads, None = one per core this process may use.
+    prefetch_batches: batches decoded ahead of the forward pass."""
+
     batch_size: int = 64
     num_workers: int = 2
     chunk_size: int = 1024  # images per checkpoint
     device: str = "cpu"
+    decode_threads: int | None = None
+    prefetch_batches: int = 2
 
 
-def make_batches(embedder, image_ids: Sequence[str], uris: Sequence[str], pixel_cache: PixelCache,
+@dataclass
+class EmbedTimings:
+    """Seconds spent, summed over a run: decode_s producing batches (cache reads, file reads, hashing,
+    decoding, resizing, cache writes; in the background thread, overlapping the forward pass),
+    forward_s in the forward pass, wait_s by the forward loop waiting for a batch (near 0 when
+    the prefetching keeps up)."""
+
+    decode_s: float = 0.0
+    forward_s: float = 0.0
+    wait_s: float = 0.0
+
+
+def available_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def use_jpeg_draft(embedder):
+    """Switch `embedder` to reduced-size JPEG decode (`PreprocessSpec.with_jpeg_draft`): its pixels get
+    their own pixel_key and its fingerprint changes with them (derived from the old one, which covers
+    weights, config and the rest), so its embeddings never mix with those of exact pixels. Returns it."""
+    if not embedder.preprocess.jpeg_draft:
+        embedder.preprocess = embedder.preprocess.with_jpeg_draft()
+        embedder.fingerprint = hashlib.sha256(f"{embedder.fingerprint}+jpeg_draft".encode()).hexdigest()
+    return embedder
+
+
+# -- decoding ---------------------------------------------------------------------------------------
+
+def verified_bytes(uri: str, image_id: str, dataset: str | None = None) -> bytes:
+    """The bytes of `uri`, checked to hash to `image_id`; ManifestError (the ingest sentences) otherwise."""
+    from nfhm_pipeline.ingest.images import _read_bytes, load_verified_rgb
+
+    data = _read_bytes(uri)
+    if hashlib.sha256(data).hexdigest() != image_id:
+        load_verified_rgb(uri, image_id, dataset=dataset)  # raises the sentence naming the file and the fix
+        raise ManifestError(f"cannot load image {uri}: its bytes changed while it was being read; run again")
+    return data
+
+
+def decode_bytes(data: bytes, uri: str, spec: PreprocessSpec) -> np.ndarray:
+    """uint8 [3, S, S] of image `data` per `spec` (reduced-size JPEG decode where the spec asks for it).
+
+    A file the reduced decoder refuses goes the exact way, which raises ManifestError for a file that
+    cannot be decoded at all (the same sentence as everywhere else).
+    """
+    from nfhm_pipeline.embedders.preprocess import decode_jpeg_reduced, decode_to_uint8
+    from nfhm_pipeline.ingest.images import _decode_rgb
+
+    if spec.jpeg_draft:
+        try:
+            reduced = decode_jpeg_reduced(data, spec)
+        except (OSError, SyntaxError, ValueError):
+            reduced = None
+        if reduced is not None:
+            return reduced
+    return decode_to_uint8(_decode_rgb(data, uri), spec)
+
+
+def decode_verified(uri: str, image_id: str, spec: PreprocessSpec, dataset: str | None = None) -> np.ndarray:
+    """uint8 [3, S, S] of `uri` decoded from bytes whose sha256 is `image_id`; ManifestError otherwise.
+    For an exact spec this is the pre-cache path call for call (`load_verified_rgb` + `decode_to_uint8`)."""
+    from nfhm_pipeline.embedders.preprocess import decode_to_uint8
+    from nfhm_pipeline.ingest.images import load_verified_rgb
+
+    if not spec.jpeg_draft:
+        return decode_to_uint8(load_verified_rgb(uri, image_id, dataset=dataset), spec)
+    return decode_bytes(verified_bytes(uri, image_id, dataset), uri, spec)
+
+
+def _message_or(call, *args):
+    try:
+        return call(*args)
+    except ManifestError as e:
+        return str(e)
+
+
+def _gpu_jpeg_decode(spec: PreprocessSpec, device: str) -> bool:
+    if not (spec.jpeg_draft and str(device).startswith("cuda")):
+        return False
+    try:
+        import torch
+        import torchvision.io  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def _gpu_decodable(data: bytes) -> bool:
+    """A JPEG of a mode nvJPEG decodes as PIL does (RGB/YCbCr or grey; CMYK and the like go the CPU way)."""
+    import io
+
+    from PIL import Image
+
+    if not data.startswith(b"\xff\xd8"):
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.format == "JPEG" and im.mode in ("RGB", "L")
+    except Exception:  # noqa: BLE001 - the CPU path gives the proper error for a corrupt file
+        return False
+
+
+def decode_images(items: Sequence[tuple[str, str]], spec: PreprocessSpec, *, dataset: str | None = None,
+                  pool: ThreadPoolExecutor | None = None, device: str = "cpu") -> list[np.ndarray | str]:
+    """For each (uri, image_id): its uint8 [3, S, S] pixels, or the ManifestError message saying why
+    the file cannot be used. Decodes in `pool` when given; JPEGs on the GPU for a `jpeg_draft` spec
+    on CUDA (see the module docstring)."""
+    run = pool.map if pool is not None else map
+    if not _gpu_jpeg_decode(spec, device):
+        return list(run(lambda item: _message_or(decode_verified, item[0], item[1], spec, dataset), items))
+    from nfhm_pipeline.embedders.preprocess import decode_jpegs_torch
+
+    datas = list(run(lambda item: _message_or(verified_bytes, item[0], item[1], dataset), items))
+    results: list = list(datas)
+    on_gpu = [i for i, d in enumerate(datas) if isinstance(d, bytes) and _gpu_decodable(d)]
+    for i, pixels in zip(on_gpu, decode_jpegs_torch([datas[i] for i in on_gpu], spec, device)):
+        results[i] = pixels  # None where the GPU refused it: the CPU way below
+    on_cpu = [i for i, r in enumerate(results) if r is None or isinstance(r, bytes)]
+    for i, pixels in zip(on_cpu, run(lambda i: _message_or(decode_bytes, datas[i], items[i][0], spec), on_cpu)):
+        results[i] = pixels
+    return results
+
+
+# -- batches: a background producer, the forward pass in the caller ---------------------------------
+
+_DONE = object()
+
+
+class _Prefetcher:
+    """Produces (positions, uint8 tensor [n, 3, S, S], failure messages, buffer) per batch, in order,
+    in a background thread; `release(buffer)` hands a buffer back once its forward pass is done."""
+
+    def __init__(self, batches, image_ids, uris, spec: PreprocessSpec, cache: PixelCache | None,
+                 settings: EmbedSettings, dataset: str | None, timings: EmbedTimings):
+        import torch
+
+        self.batches, self.image_ids, self.uris = batches, image_ids, uris
+        self.spec, self.cache, self.settings, self.dataset, self.timings = spec, cache, settings, dataset, timings
+        self.ready: queue.Queue = queue.Queue(maxsize=max(1, settings.prefetch_batches))
+        self.free: queue.Queue = queue.Queue()
+        pin = str(settings.device).startswith("cuda") and torch.cuda.is_available()
+        rows = max((len(b) for b in batches), default=0)
+        for _ in range(min(len(batches), max(1, settings.prefetch_batches) + 2)):
+            self.free.put(torch.empty((rows, 3, spec.size, spec.size), dtype=torch.uint8, pin_memory=pin))
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._produce, name="nfhm-pixel-batches", daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        while self.thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                self.ready.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self.thread.join()
+
+    def release(self, buffer) -> None:
+        self.free.put(buffer)
+
+    def __iter__(self):
+        while True:
+            t0 = time.perf_counter()
+            item = self.ready.get()
+            self.timings.wait_s += time.perf_counter() - t0
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def _take_buffer(self):
+        while not self.stop.is_set():
+            try:
+                return self.free.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        return None
+
+    def _produce(self) -> None:
+        threads = self.settings.decode_threads or available_cores()
+        writer = self.cache.writer(self.spec.pixel_key, self.spec.size) if self.cache is not None else None
+        try:
+            with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="nfhm-decode") as pool:
+                for positions in self.batches:
+                    buffer = self._take_buffer()
+                    if buffer is None:
+                        return
+                    t0 = time.perf_counter()
+                    pixels = buffer[:len(positions)]
+                    failed = self._fill(positions, pixels.numpy(), pool, writer)
+                    self.timings.decode_s += time.perf_counter() - t0
+                    if not self._put((np.asarray(positions, dtype=np.int64), pixels, failed, buffer)):
+                        return
+            if writer is not None:
+                t0 = time.perf_counter()
+                writer.close()
+                self.timings.decode_s += time.perf_counter() - t0
+                writer = None
+            self._put(_DONE)
+        except BaseException as e:  # noqa: BLE001 - handed to the forward loop, which raises it
+            self._put(e)
+        finally:
+            if writer is not None:  # stopped early: keep what was decoded (valid entries), quietly
+                try:
+                    writer.close()
+                except Exception:  # noqa: BLE001 - the first error is the one the caller sees
+                    pass
+
+    def _fill(self, positions, out: np.ndarray, pool, writer) -> list[str]:
+        ids = [self.image_ids[p] for p in positions]
+        if self.cache is not None:
+            found = self.cache.read_into(self.spec.pixel_key, ids, out)
+        else:
+            found = np.zeros(len(ids), dtype=bool)
+        missing = np.flatnonzero(~found).tolist()
+        failed = []
+        if missing:
+            items = [(self.uris[positions[i]], ids[i]) for i in missing]
+            decoded = decode_images(items, self.spec, dataset=self.dataset, pool=pool, device=self.settings.device)
+            for i, result in zip(missing, decoded):
+                if isinstance(result, str):
+                    failed.append(result)
+                    continue
+                out[i] = result
+                if writer is not None:
+                    writer.add(ids[i], result)
+        return failed
+
+
+def make_batches(embedder, image_ids: Sequence[str], uris: Sequence[str], pixel_cache: PixelCache | None,
                  settings: EmbedSettings, on_batch: Callable[[int], None] | None = None,
-                 dataset: str | None = None):
-    """Return ``embed_chunk(positions)`` for :meth:`EmbeddingStore.embed_incrementally`."""
-    import torch
-    from torch.utils.data import DataLoader
+                 dataset: str | None = None, timings: EmbedTimings | None = None,
+                 on_images: Callable[[int], None] | None = None):
+    """Return ``embed_chunk(positions)`` for :meth:`EmbeddingStore.embed_incrementally`.
 
-    from nfhm_pipeline.errors import ManifestError
+    pixel_cache: None decodes every image every time (a model whose catalog entry turns the cache
+    off). on_batch(batches done so far) and on_images(images in this batch) are called after each
+    batch's forward pass; `timings` is added to (see EmbedTimings).
+    """
+    import torch
 
     batches_done = 0
+    timings = timings if timings is not None else EmbedTimings()
 
     def embed_chunk(positions):
         nonlocal batches_done
-        pixels_of = _PixelDataset(image_ids, uris, positions, embedder.preprocess, pixel_cache, dataset)
-        workers = min(settings.num_workers, max(0, len(pixels_of) // settings.batch_size))
-        loader = DataLoader(pixels_of, batch_size=settings.batch_size, shuffle=False, num_workers=workers,
-                            pin_memory=settings.device == "cuda", persistent_workers=False)
-        for pos, pixels, errors in loader:
-            failed = [message for message in errors if message]
-            if failed:  # before the forward pass: nothing of this batch is embedded or checkpointed
-                raise ManifestError(failed[0] + (f" ({len(failed) - 1} more such image(s) in the same batch)"
-                                                 if len(failed) > 1 else ""))
-            vectors = embedder.embed_uint8(pixels)
-            if isinstance(vectors, torch.Tensor):
-                vectors = vectors.detach().float().cpu().numpy()
-            batches_done += 1
-            if on_batch is not None:
-                on_batch(batches_done)
-            yield pos.numpy(), vectors
+        positions = list(positions)
+        size = max(1, settings.batch_size)
+        batches = [positions[i:i + size] for i in range(0, len(positions), size)]
+        with _Prefetcher(batches, image_ids, uris, embedder.preprocess, pixel_cache, settings, dataset,
+                         timings) as prefetched:
+            for pos, pixels, failed, buffer in prefetched:
+                if failed:  # before the forward pass: nothing of this batch is embedded or checkpointed
+                    raise ManifestError(failed[0] + (f" ({len(failed) - 1} more such image(s) in the same batch)"
+                                                     if len(failed) > 1 else ""))
+                t0 = time.perf_counter()
+                vectors = embedder.embed_uint8(pixels)
+                if isinstance(vectors, torch.Tensor):
+                    vectors = vectors.detach().float().cpu().numpy()
+                timings.forward_s += time.perf_counter() - t0
+                prefetched.release(buffer)  # embed_uint8 returned host vectors: the copy from it is done
+                batches_done += 1
+                if on_batch is not None:
+                    on_batch(batches_done)
+                if on_images is not None:
+                    on_images(len(pos))
+                yield pos, vectors
 
     return embed_chunk
 
 
 def embed_manifest(store: EmbeddingStore, dataset: str, model: str, manifest: pd.DataFrame, embedder,
-                   pixel_cache: PixelCache, settings: EmbedSettings,
-                   on_batch: Callable[[int], None] | None = None) -> EmbedReport:
-    """Bring ``dataset``'s stored embeddings for ``model`` up to date with ``manifest``."""
+                   pixel_cache: PixelCache | None, settings: EmbedSettings,
+                   on_batch: Callable[[int], None] | None = None, timings: EmbedTimings | None = None,
+                   on_images: Callable[[int], None] | None = None) -> EmbedReport:
+    """Bring ``dataset``'s stored embeddings for ``model`` up to date with ``manifest``
+    (`make_batches` for the callbacks, `timings` and a None `pixel_cache`)."""
     image_ids = manifest["image_id"].astype(str).tolist()
     uris = manifest["uri"].astype(str).tolist()
-    embed_chunk = make_batches(embedder, image_ids, uris, pixel_cache, settings, on_batch, dataset=dataset)
+    embed_chunk = make_batches(embedder, image_ids, uris, pixel_cache, settings, on_batch, dataset=dataset,
+                               timings=timings, on_images=on_images)
     return store.embed_incrementally(dataset, model, image_ids, embedder.fingerprint, embed_chunk,
                                      chunk_size=settings.chunk_size)
 

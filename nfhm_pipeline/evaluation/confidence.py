@@ -15,7 +15,8 @@ Methods (numpy and scipy only):
   small integers, so the products and sums are exact in float64.
 * Intervals: percentile bootstrap intervals (``percentile_interval``, numpy's linear
   interpolation, as ``scipy.stats.bootstrap(method="percentile")``); Wilson score intervals for
-  a single proportion (``wilson_interval``).
+  a single proportion (``wilson_interval``); BCa intervals of one statistic through scipy
+  (``bca_interval``, for notebook use).
 * Paired differences (``paired_differences``): acc[reference] - acc[b] for every other model b;
   percentile interval of the resampled differences, and the two-sided bootstrap p-value
   min(1, 2 min((#{d* <= 0} + 1) / (B + 1), (#{d* >= 0} + 1) / (B + 1))), never 0.
@@ -198,6 +199,32 @@ def percentile_interval(samples: np.ndarray, level: float = 0.95) -> tuple[np.nd
         raise ConfidenceInputError(f"samples must be [B, ...] with B >= 1, got shape {samples.shape}.")
     low, high = np.percentile(samples, [100 * alpha / 2, 100 * (1 - alpha / 2)], axis=0)
     return low, high
+
+
+def bca_interval(values, statistic: Callable[[np.ndarray], float] = np.mean, *, n_resamples: int = 1000,
+                 seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """(estimate, low, high): the bias-corrected and accelerated (BCa) bootstrap interval of
+    ``statistic`` over the items ``values`` [n], through ``scipy.stats.bootstrap(method="BCa")``.
+
+    For a notebook user with one metric's per-item scores (the pipeline's stored intervals are
+    paired percentile intervals: BCa's jackknife acceleration is per statistic and model, so it
+    cannot share one count matrix). A sample whose values are all equal has the degenerate
+    interval [v, v] (scipy would return NaN with a warning); fewer than 2 items or non-finite
+    values raise :class:`ConfidenceInputError`.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or len(x) < 2:
+        raise ConfidenceInputError(f"values must be 1-D with at least 2 items, got shape {x.shape}.")
+    if not np.isfinite(x).all():
+        raise ConfidenceInputError(f"values hold {int((~np.isfinite(x)).sum())} NaN or inf item(s).")
+    n_resamples, level = _positive_int(n_resamples, "n_resamples"), _level(level)
+    estimate = float(statistic(x))
+    if np.all(x == x[0]):
+        return estimate, estimate, estimate
+    result = stats.bootstrap((x,), statistic, n_resamples=n_resamples, confidence_level=level, method="BCa",
+                             random_state=np.random.default_rng(seed), vectorized=False)
+    interval = result.confidence_interval
+    return estimate, float(interval.low), float(interval.high)
 
 
 @dataclass

@@ -7,6 +7,10 @@ model of a dataset gets the same resamples: paired), by leakage unit when the sp
 uncertainty). From the same counts:
 
 * top-1 accuracy of the rule (metric = the rule's name, or ``test_accuracy`` for a probe);
+* zero-shot top-k and retrieval P@K / R@K (``EvalTables.item_scores``: each metric is a mean of
+  per-item scores, so a resample is one weighted mean). Image queries are resampled like the
+  other metrics (the same counts: paired across models); text→image queries, one per class, are
+  resampled among themselves;
 * balanced accuracy (``balanced_accuracy_<rule>``) and macro-F1 (``macro_f1_<rule>`` /
   ``test_macro_f1``), each a matrix product with class indicator matrices, so B resamples cost a
   few products, not B Python calls.
@@ -82,31 +86,50 @@ def add_intervals(tables, frame: pd.DataFrame, *, seed: int, n_resamples: int = 
     from nfhm_pipeline.evaluation.confidence import percentile_interval, resample_counts, wilson_interval
 
     metrics, per_class, predictions = tables.frames()
+    item_scores = getattr(tables, "item_scores", [])
     if len(metrics):
         metrics = metrics.assign(ci_low=np.nan, ci_high=np.nan, ci_method=None)
+        where = {(r.task, r.level, r.grp, r.metric): i for i, r in enumerate(metrics.itertuples())}
+        counts_of: dict[tuple, np.ndarray] = {}
+
+        def counts_for(lvl, grp, ids: np.ndarray, images: bool) -> np.ndarray:
+            key = (lvl, grp, images, tuple(ids))
+            if key not in counts_of:  # the same test items: the same resamples for every metric
+                groups = units.reindex(ids).astype(str).to_numpy() if images and units is not None else None
+                counts_of[key] = resample_counts(len(ids), n_resamples, seed, groups=groups)
+            return counts_of[key]
+
         if len(predictions):
-            where = {(r.task, r.level, r.grp, r.metric): i for i, r in enumerate(metrics.itertuples())}
             low = metrics["ci_low"].to_numpy(copy=True)
             high = metrics["ci_high"].to_numpy(copy=True)
             method = metrics["ci_method"].to_numpy(copy=True)
-            counts_of: dict[tuple, np.ndarray] = {}
             for (task, lvl, grp, rule), rows in predictions.groupby(["task", "level", "grp", "rule"], sort=False):
                 wanted = _metric_names(task, rule)
                 if wanted is None or len(rows) == 0:
                     continue
                 ids = rows["image_id"].astype(str).to_numpy()
-                key = (lvl, grp, tuple(ids))
-                if key not in counts_of:  # the same test images: the same resamples for every rule
-                    groups = units.reindex(ids).astype(str).to_numpy() if units is not None else None
-                    counts_of[key] = resample_counts(len(ids), n_resamples, seed, groups=groups)
                 scores = resampled_scores(rows["true_label"].to_numpy(), rows["predicted_label"].to_numpy(),
-                                          counts_of[key])
+                                          counts_for(lvl, grp, ids, True))
                 for statistic, metric in wanted.items():
                     i = where.get((task, lvl, grp, metric))
                     if i is None:
                         continue
                     lo, hi = percentile_interval(scores[statistic][:, None], level)
                     low[i], high[i], method[i] = float(lo[0]), float(hi[0]), METHOD
+            metrics = metrics.assign(ci_low=low, ci_high=high, ci_method=method)
+        if item_scores:  # zero-shot hits, retrieval P@K / R@K per query: the metric is their mean
+            low = metrics["ci_low"].to_numpy(copy=True)
+            high = metrics["ci_high"].to_numpy(copy=True)
+            method = metrics["ci_method"].to_numpy(copy=True)
+            for item in item_scores:
+                i = where.get((item.task, item.level, item.grp, item.metric))
+                if i is None or len(item.ids) == 0:
+                    continue
+                counts = counts_for(item.level, item.grp, np.asarray(item.ids).astype(str), item.images)
+                weights = counts.astype(np.float64)
+                resampled = weights @ np.asarray(item.scores, dtype=np.float64) / weights.sum(axis=1)
+                lo, hi = percentile_interval(resampled[:, None], level)
+                low[i], high[i], method[i] = float(lo[0]), float(hi[0]), METHOD
             metrics = metrics.assign(ci_low=low, ci_high=high, ci_method=method)
         # Cross-validation scores keep the seed's mean ± std over folds (a spread, not a 95 % interval).
         cv = metrics["metric"].astype(str).str.startswith("cv_").to_numpy() & metrics["std"].notna().to_numpy()

@@ -16,17 +16,31 @@ the class that comes first in sorted label order (``np.unique`` order, as pandas
 a ranking is asked for, top1 rules rank classes by their best single vector (ties: lowest train
 index of that vector), mean rules by their mean (ties: sorted label order).
 
-How: float32 torch (GPU when there is one), blocked over test rows: memory ~ 2 x block x n_train
-+ n_train x dim floats. One Gram product per block (test rows against unit train vectors) gives
-cosine and, through |q|^2 + |t|^2 - 2|t| (q.t/|t|), squared distances; class scores are segment
-reductions over train rows grouped by class (mean cosine is one small product with the class
-means of the unit train vectors, by linearity). float32 may reorder nearly tied classes, so each
-row whose top k+1 class scores lie closer than a proven float32 error bound is ranked again in
-float64 over the classes that could still be in its top k: answers equal a float64 computation.
+How: float32 torch (GPU when there is one), blocked over test rows and over train rows. Train
+rows are taken in class order, ``train_block_size`` at a time; for every (test block, train
+block) pair one Gram product (test rows against unit train vectors) gives cosine and, through
+|q|^2 + |t|^2 - 2|t| (q.t/|t|), squared distances; class scores are segment reductions over the
+block's train rows grouped by class, carried across train blocks as running per-class max, min
+and sum (a class may span blocks). Mean cosine is one small product with the class means of the
+unit train vectors, by linearity. Memory: one [test block, train block] float32 buffer (and a
+second one, on CPU only a cache-sized chunk of it), four [test block, n_classes] accumulators,
+the n_classes x dim class means and a few floats per train and test row; neither the train nor
+the test vectors are copied whole (with one train block, the default up to ``_TRAIN_BLOCK``
+train rows, that block is kept for the call; on CUDA the unit train vectors stay on the device
+when they fit in ``_DEVICE_TRAIN_CACHE_BYTES``). On CPU, each train block is gathered again for
+every test block, and the passes after each product run over a few rows at a time in cache.
+
+float32 may reorder nearly tied classes, so each row whose top k+1 class scores lie closer than a
+proven float32 error bound is ranked again in float64 over the classes that could still be in
+its top k (every train vector of those classes scored in float64): answers equal a float64
+computation, whatever the block sizes. (The float32 values themselves depend in their last bits
+on the shape of each product, so the order between two requested ks, and ``n_exact_rows``, may
+differ between block sizes and devices; the top-k set at every requested k does not.)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -37,6 +51,10 @@ from nfhm_pipeline.evaluation.names import (KNN_L2_RULES, KNN_RULES, MEAN_COSINE
 RULES = KNN_RULES  # the names are declared in evaluation.names
 L2_RULES = KNN_L2_RULES
 _U = 2.0**-24  # unit roundoff of float32
+_TRAIN_BLOCK = 1 << 16  # default train rows per block: up to this many, one block (the unblocked computation)
+_CPU_TRAIN_BLOCK = 1 << 14  # default train rows per block on CPU past _TRAIN_BLOCK
+_DEVICE_TRAIN_CACHE_BYTES = 8 << 30  # CUDA: unit train vectors kept on the device up to this size
+_CPU_CHUNK = 1 << 18  # CPU: elements of one chunk of the passes after a product (1 MiB of float32: in L2)
 
 
 @dataclass(frozen=True)
@@ -69,7 +87,8 @@ class ClassRanking:
 
 
 def nearest_neighbour_labels(
-    train, train_labels, test, *, normalize_euclidean: bool = False, block_size: int | None = None, device=None
+    train, train_labels, test, *, normalize_euclidean: bool = False, block_size: int | None = None,
+    train_block_size: int | None = None, device=None, progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Predicted label of every test vector under the four rules.
 
@@ -77,17 +96,23 @@ def nearest_neighbour_labels(
     finite, no all-zero row. ``train_labels`` [n_train]: any sortable labels. Returns
     {rule: labels [n_test]} for the rules in ``RULES``, dtype of ``train_labels``. The Euclidean
     rules use the vectors as given, or L2-normalised ones with ``normalize_euclidean=True``.
-    ``device``: torch device; None picks CUDA when available. ``block_size``: test rows per block.
+    ``device``: torch device; None picks CUDA when available. ``block_size``: test rows per block;
+    ``train_block_size``: train rows per block (None: all of them up to 65,536 rows, else blocks of
+    65,536, of 16,384 on CPU);
+    together they set the memory used (module docstring), not the answers. ``progress``: called
+    as ``progress(done, total)`` after every (test block, train block) pair.
     Ties: see the module docstring. Raises EvaluationError on unusable inputs.
     """
     variant = "l2" if normalize_euclidean else "raw"
-    ranking = _rank_classes(train, train_labels, test, (1,), (variant,), block_size, device)
+    ranking = _rank_classes(train, train_labels, test, (1,), (variant,), block_size, train_block_size, device,
+                            progress)
     suffix = "_l2" if normalize_euclidean else ""
     return {rule: ranking.labels(rule + suffix if "euclidean" in rule else rule) for rule in RULES}
 
 
 def nearest_neighbour_scores(
-    train, train_labels, test, *, ks=(1, 3, 5), block_size: int | None = None, device=None
+    train, train_labels, test, *, ks=(1, 3, 5), block_size: int | None = None, train_block_size: int | None = None,
+    device=None, progress: Callable[[int, int], None] | None = None,
 ) -> ClassRanking:
     """Class rankings of every test vector under the four rules and the two L2 variants, exact
     for top-k accuracy at every k in ``ks`` (each >= 1; clipped to the number of classes).
@@ -96,7 +121,7 @@ def nearest_neighbour_scores(
     ranking equals the label ``nearest_neighbour_labels`` gives (top1 rules rank classes by
     their best single vector). See ``ClassRanking``.
     """
-    return _rank_classes(train, train_labels, test, ks, ("raw", "l2"), block_size, device)
+    return _rank_classes(train, train_labels, test, ks, ("raw", "l2"), block_size, train_block_size, device, progress)
 
 
 def _as_matrix(x, name: str) -> np.ndarray:
@@ -143,7 +168,33 @@ def _rank_classes(*args) -> ClassRanking:
         torch.set_float32_matmul_precision(previous)
 
 
-def _rank_classes_fp32(train, train_labels, test, ks, variants, block_size, device) -> ClassRanking:
+def _positive_or_none(value, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise EvaluationError(f"{name} must be a whole number >= 1 (or None for the default), got {value!r}.")
+    return int(value)
+
+
+def block_sizes(n_train: int, n_test: int, n_classes: int, device_type: str, block_size: int | None = None,
+                train_block_size: int | None = None) -> tuple[int, int]:
+    """(test rows, train rows) per block that the functions above use for these sizes; None
+    picks the default: every train row in one block up to ``_TRAIN_BLOCK`` rows, else blocks of
+    ``_TRAIN_BLOCK`` (CPU: ``_CPU_TRAIN_BLOCK``), and as many test rows as keep one [test block,
+    train block] buffer and the [test block, n_classes] accumulators near 2^24 elements (2^26 on
+    CUDA), 16 to 8192 rows. (Each test block reads every train block once, so on CPU, where the
+    blocks are gathered again for each test block, smaller train blocks buy bigger test blocks.)"""
+    if train_block_size is None:
+        train_block_size = _TRAIN_BLOCK if n_train <= _TRAIN_BLOCK or device_type != "cpu" else _CPU_TRAIN_BLOCK
+    train_block = min(train_block_size, n_train)
+    budget = 1 << (26 if device_type == "cuda" else 24)
+    if block_size is None:  # bigger blocks amortise overheads
+        block_size = min(int(np.clip(budget // train_block, 16, 8192)), max(16, budget // n_classes))
+    return min(block_size, n_test), train_block
+
+
+def _rank_classes_fp32(train, train_labels, test, ks, variants, block_size, train_block_size, device,
+                       progress) -> ClassRanking:
     import torch
 
     X, Q = _as_matrix(train, "train"), _as_matrix(test, "test")
@@ -162,98 +213,218 @@ def _rank_classes_fp32(train, train_labels, test, ks, variants, block_size, devi
         raise EvaluationError(f"train_labels cannot be sorted ({e}); use labels of one type, e.g. all strings.") from e
     if not len(ks) or min(ks) < 1:
         raise EvaluationError(f"ks must be one or more k >= 1, got {ks}.")
+    block_size = _positive_or_none(block_size, "block_size")
+    train_block_size = _positive_or_none(train_block_size, "train_block_size")
     ks = tuple(sorted({min(int(k), len(classes)) for k in ks}))
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     ctx = _Exact(X, Q, inv, len(classes), ks[-1], dev)
-    k, (n_train, dim) = ks[-1], X.shape
+    k, (n_train, dim), n_classes = ks[-1], X.shape, len(classes)
 
-    # Train rows grouped by class (ctx.order) make every class a contiguous column range of a
-    # block, so per-class max/min/sum are segment reductions.
-    tnorm = np.sqrt(ctx.tt[ctx.order])
-    T = torch.as_tensor(X).index_select(0, torch.from_numpy(ctx.order)).to(torch.float32)
-    T = T.div_(torch.from_numpy(tnorm).to(torch.float32)[:, None])
-    # class means of the unit train vectors, summed in float64
-    centroids = torch.from_numpy(np.stack([
-        part.sum(axis=0, dtype=np.float64) / len(part) for part in np.split(T.numpy(), ctx.starts[1:])
-    ])).to(device=dev, dtype=torch.float32)
-    T, tn = T.to(dev), torch.from_numpy(tnorm).to(device=dev, dtype=torch.float32)
-    tt = tn**2
-    lengths = torch.from_numpy(ctx.counts).to(dev)
+    block_size, train_block = block_sizes(n_train, Q.shape[0], n_classes, dev.type, block_size, train_block_size)
+    n_test_blocks = -(-Q.shape[0] // block_size)
+    cache = n_test_blocks > 1 and (train_block == n_train or (
+        dev.type == "cuda" and n_train * dim * 4 <= _DEVICE_TRAIN_CACHE_BYTES))
+    blocks = _TrainBlocks(X, ctx, train_block, dev, cache)
+    centroids = blocks.centroids()
     counts = ctx.counts.astype(np.float64)
-    class_tmax = np.maximum.reduceat(tnorm, ctx.starts)
+    class_tmax = np.maximum.reduceat(blocks.tnorm, ctx.starts)
     all_qn = np.sqrt(ctx.qq)
-
-    def segment(x, op):
-        """[b, n_train] -> [b, n_classes] numpy, reducing each class's column range."""
-        if x.device.type == "cpu":  # numpy's reduceat is several times faster than torch's here
-            return {"max": np.maximum, "min": np.minimum, "sum": np.add}[op].reduceat(x.numpy(), ctx.starts, axis=1)
-        return torch.segment_reduce(x, op, lengths=lengths.expand(x.shape[0], -1), axis=1).cpu().numpy()
 
     # Proven bounds on float32 errors. A dot product of length dim is off by at most dim*u times
     # |q| |t|; a few u more cover rounding inputs, norms and centroids (eps_cos, for cosines).
     # Squared distances add one rounding per elementwise operation (12u (|q|+|t|)^2), and the sum
-    # of a class's distances n_class*u relative (eps_rel_mean).
+    # of a class's distances n_class*u relative (eps_rel_mean): a class's sum is a sum of its
+    # n_class terms in some order whichever train blocks it spans.
     eps_cos = (dim + 16) * _U
     eps_rel_mean = (counts + 3) * _U
 
-    if block_size is None:  # elements in one [block, n_train] buffer; bigger blocks amortise overheads
-        block_size = int(np.clip((1 << (26 if dev.type == "cuda" else 24)) // n_train, 16, 8192))
-    block_size = max(1, min(int(block_size), Q.shape[0]))
-    S_buf = torch.empty(block_size, n_train, dtype=torch.float32, device=dev)
-    E_buf = torch.empty_like(S_buf)
+    S_buf = torch.empty(block_size * train_block, dtype=torch.float32, device=dev)
+    E_buf = torch.empty(train_block * (block_size if dev.type != "cpu" else max(1, _CPU_CHUNK // train_block)),
+                        dtype=torch.float32, device=dev)
 
     rules = [TOP1_COSINE, MEAN_COSINE]
     rules += [r for v in variants for r in ((TOP1_EUCLIDEAN, MEAN_EUCLIDEAN) if v == "raw" else L2_RULES)]
     rankings = {r: np.empty((Q.shape[0], k), dtype=np.int64) for r in rules}
     n_exact = dict.fromkeys(rules, 0)
-
-    def settle(rule, rows, score, err, item_scores=None):
-        """Rank by float32 class scores (larger is better, each off by at most err); rank again in
-        float64 the rows float32 cannot decide. top1 rules give item_scores(f): the float32 score
-        of every train vector (tensor, in ctx.order) for the flagged block rows f (tensor)."""
-        ranking, flagged, mask = _settle(score, np.broadcast_to(err, score.shape), ks)
-        if len(flagged):
-            if rule.startswith("top1"):
-                floor = score[flagged] - 2 * np.broadcast_to(err, score.shape)[flagged]
-                scores_f = item_scores(torch.from_numpy(flagged).to(dev))
-                ranking[flagged] = ctx.top1(rule, rows[flagged], mask, scores_f, floor)
-            else:
-                ranking[flagged] = ctx.mean(rule, rows[flagged], mask)
-        rankings[rule][rows] = ranking
-        n_exact[rule] += len(flagged)
+    done, total = 0, n_test_blocks * len(blocks)
 
     for start in range(0, Q.shape[0], block_size):
         rows = np.arange(start, min(start + block_size, Q.shape[0]))
+        b = len(rows)
         qn = all_qn[rows][:, None]
         qn_t = torch.from_numpy(qn).to(dev)
         q = torch.as_tensor(Q[rows]).to(device=dev, dtype=torch.float32)
-        # the one Gram product of the block: |q| cos against the unit train vectors [b, n_train]
-        S = torch.matmul(q, T.T, out=S_buf[: len(rows)])
-
-        def cosines(f):
-            return S[f] / qn_t[f]
-
-        best_cos = segment(S, "max") / qn
-        settle(TOP1_COSINE, rows, best_cos, eps_cos, cosines)
-        if "l2" in variants:  # unit vectors' distance falls as their cosine rises: same float32 order
-            settle(TOP1_EUCLIDEAN_L2, rows, best_cos, eps_cos, cosines)
-        settle(MEAN_COSINE, rows, ((q / qn_t.float()) @ centroids.T).cpu().numpy(), eps_cos)
-        E = E_buf[: len(rows)]
+        acc = {"max_s": np.empty((b, n_classes), dtype=np.float32)}  # per class: max of |q| cos
         if "raw" in variants:
-            # |t|^2 - 2|t| (|q| cos); the row constant |q|^2 and the clamp at 0 (as the reference
-            # does) commute with a class minimum, so they are applied to the [b, C] result
-            torch.addcmul(tt, S, tn, value=-2, out=E)
-            min_d2 = np.maximum(segment(E, "min") + qn**2, 0)
-            e2 = 2 * qn * class_tmax * eps_cos + 12 * _U * (qn + class_tmax) ** 2
-            settle(TOP1_EUCLIDEAN, rows, -min_d2, e2, lambda f: -(E[f] + qn_t[f] ** 2).clamp_(min=0))
-            mean_d = segment(E.add_(qn_t.float() ** 2).clamp_(min=0).sqrt_(), "sum") / counts
-            settle(MEAN_EUCLIDEAN, rows, -mean_d, _distance_error(min_d2, e2) + eps_rel_mean * mean_d)
+            acc["min_e"], acc["sum_d"] = np.empty((b, n_classes), dtype=np.float32), np.empty((b, n_classes))
         if "l2" in variants:
-            mean_d = segment(torch.mul(S, -2 / qn_t.float(), out=E).add_(2).clamp_(min=0).sqrt_(), "sum") / counts
+            acc["sum_d_l2"] = np.empty((b, n_classes))
+        for i in range(len(blocks)):
+            T, tn, tt = blocks.unit(i)
+            # the one Gram product of the pair: |q| cos against the unit train vectors [b, w]
+            S = torch.matmul(q, T.T, out=S_buf[: b * len(tn)].view(b, len(tn)))
+            blocks.reduce(i, S, qn, qn_t, acc, E_buf)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+        best_s = acc["max_s"]
+
+        def settle(rule, score, err, top1=False):
+            """Rank by float32 class scores (larger is better, each off by at most err); rank again in
+            float64 the rows float32 cannot decide, over their candidate classes."""
+            ranking, flagged, mask = _settle(score, np.broadcast_to(err, score.shape), ks)
+            if len(flagged):
+                ranking[flagged] = (ctx.top1 if top1 else ctx.mean)(rule, rows[flagged], mask)
+            rankings[rule][rows] = ranking
+            n_exact[rule] += len(flagged)
+
+        best_cos = best_s / qn
+        settle(TOP1_COSINE, best_cos, eps_cos, top1=True)
+        if "l2" in variants:  # unit vectors' distance falls as their cosine rises: same float32 order
+            settle(TOP1_EUCLIDEAN_L2, best_cos, eps_cos, top1=True)
+        settle(MEAN_COSINE, ((q / qn_t.float()) @ centroids.T).cpu().numpy(), eps_cos)
+        if "raw" in variants:
+            min_d2 = np.maximum(acc["min_e"] + qn**2, 0)
+            e2 = 2 * qn * class_tmax * eps_cos + 12 * _U * (qn + class_tmax) ** 2
+            settle(TOP1_EUCLIDEAN, -min_d2, e2, top1=True)
+            mean_d = acc["sum_d"] / counts
+            settle(MEAN_EUCLIDEAN, -mean_d, _distance_error(min_d2, e2) + eps_rel_mean * mean_d)
+        if "l2" in variants:
+            mean_d = acc["sum_d_l2"] / counts
             e2 = 2 * eps_cos + 48 * _U
             err = _distance_error(np.maximum(2 - 2 * best_cos, 0), e2) + eps_rel_mean * mean_d
-            settle(MEAN_EUCLIDEAN_L2, rows, -mean_d, err)
+            settle(MEAN_EUCLIDEAN_L2, -mean_d, err)
     return ClassRanking(classes=classes, rankings=rankings, ks=ks, n_exact_rows=n_exact)
+
+
+class _TrainBlocks:
+    """The train vectors in class order (``ctx.order``), as unit float32 vectors in blocks of
+    ``train_block`` rows, and per-class reductions carried across blocks."""
+
+    def __init__(self, X, ctx, train_block: int, device, cache: bool):
+        import torch
+
+        self.X, self.ctx, self.device = X, ctx, device
+        n_train = X.shape[0]
+        self.tnorm = np.sqrt(ctx.tt[ctx.order])
+        self.bounds = list(range(0, n_train, train_block))
+        ends = self.bounds[1:] + [n_train]
+        self.spans = list(zip(self.bounds, ends))
+        class_of = ctx.sorted_class
+        # classes met by each block: a block's first class may have begun in an earlier block
+        self.first_class = [int(class_of[a]) for a, _ in self.spans]
+        self.continues = [bool(ctx.starts[class_of[a]] < a) for a, _ in self.spans]
+        self.local_starts = []
+        for (a, e), c0 in zip(self.spans, self.first_class):
+            c1 = int(class_of[e - 1])
+            self.local_starts.append(np.maximum(ctx.starts[c0 : c1 + 1] - a, 0))
+        if device.type != "cpu":
+            self.lengths = [torch.from_numpy(np.diff(np.append(ls, e - a))).to(device)
+                            for ls, (a, e) in zip(self.local_starts, self.spans)]
+        self.tn_all = torch.from_numpy(self.tnorm).to(device=device, dtype=torch.float32)
+        # one block is kept for the whole call, as the unblocked computation keeps its train matrix
+        self._cache = {} if cache or len(self.spans) == 1 else None
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def _host_unit(self, i: int):
+        """float32 unit train vectors of block i (a CPU tensor)."""
+        import torch
+
+        a, e = self.spans[i]
+        T = torch.as_tensor(self.X).index_select(0, torch.from_numpy(self.ctx.order[a:e])).to(torch.float32)
+        return T.div_(torch.from_numpy(self.tnorm[a:e]).to(torch.float32)[:, None])
+
+    def unit(self, i: int):
+        """(unit vectors [w, dim], |t| [w], |t|^2 [w]) of block i, float32 on the device."""
+        if self._cache is not None and i in self._cache:
+            return self._cache[i]
+        a, e = self.spans[i]
+        tn = self.tn_all[a:e]
+        out = (self._host_unit(i).to(self.device), tn, tn**2)
+        if self._cache is not None:
+            self._cache[i] = out
+        return out
+
+    def centroids(self):
+        """float32 [n_classes, dim] on the device: each class's mean unit train vector, summed in
+        float64 row after row (a class spanning blocks continues its running sum)."""
+        import torch
+
+        sums = []
+        for i, (a, e) in enumerate(self.spans):
+            T = self._host_unit(i).numpy()
+            if self._cache is not None:
+                self._cache[i] = (torch.from_numpy(T).to(self.device), self.tn_all[a:e], self.tn_all[a:e] ** 2)
+            for j, part in enumerate(np.split(T, self.local_starts[i][1:])):
+                if j == 0 and self.continues[i]:  # the same row-after-row sum as in one piece
+                    sums[-1] = np.vstack([sums[-1][None], part]).sum(axis=0)
+                else:
+                    sums.append(part.sum(axis=0, dtype=np.float64))
+        return torch.from_numpy(np.stack(sums) / self.ctx.counts[:, None]).to(device=self.device, dtype=torch.float32)
+
+    def reduce(self, i: int, S, qn: np.ndarray, qn_t, acc: dict, E_buf) -> None:
+        """Fold block i's Gram product ``S`` [b, w] (|q| cos) into the per-class accumulators
+        ``acc`` ([b, n_classes] each): ``max_s`` max |q| cos, ``min_e`` min |t|^2 - 2|t| |q| cos
+        (the squared distance less |q|^2), ``sum_d`` sum of distances, ``sum_d_l2`` sum of the
+        distances of the unit vectors. ``qn`` [b, 1] float64 |q| (``qn_t`` on the device)."""
+        import torch
+
+        a, e = self.spans[i]
+        if S.device.type == "cpu":
+            # a few rows at a time, so that the passes run in cache rather than at memory speed;
+            # numpy's single-threaded loops, as torch's thread pool would wake up for every pass.
+            # (numpy rounds the product before the sum, where torch fuses them, and its square
+            # root is correctly rounded: last-bit differences, inside the error bounds.)
+            step = max(1, _CPU_CHUNK // S.shape[1])
+            Sn, scratch = S.numpy(), E_buf.numpy()
+            tn = self.tn_all[a:e].numpy()
+            tt, m2tn = tn * tn, tn * np.float32(-2)
+            qn32 = qn.astype(np.float32)
+            qq32, m2qn = qn32 * qn32, np.float32(-2) / qn32
+            starts = self.local_starts[i]
+            for r0 in range(0, S.shape[0], step):
+                r = slice(r0, r0 + step)
+                s = Sn[r]
+                E = scratch[: s.size].reshape(s.shape)
+                self.carry(i, acc["max_s"][r], np.maximum.reduceat(s, starts, axis=1), np.maximum)
+                if "min_e" in acc:
+                    # |t|^2 - 2|t| (|q| cos); the row constant |q|^2 and the clamp at 0 (as the
+                    # reference does) commute with a class minimum, so they go on the [b, C] result
+                    np.add(np.multiply(s, m2tn, out=E), tt, out=E)
+                    self.carry(i, acc["min_e"][r], np.minimum.reduceat(E, starts, axis=1), np.minimum)
+                    np.sqrt(np.maximum(np.add(E, qq32[r], out=E), 0, out=E), out=E)
+                    self.carry(i, acc["sum_d"][r], np.add.reduceat(E, starts, axis=1), np.add)
+                if "sum_d_l2" in acc:
+                    np.sqrt(np.maximum(np.add(np.multiply(s, m2qn[r], out=E), 2, out=E), 0, out=E), out=E)
+                    self.carry(i, acc["sum_d_l2"][r], np.add.reduceat(E, starts, axis=1), np.add)
+            return
+        tn, tt = self.tn_all[a:e], self.tn_all[a:e] ** 2
+        lengths = self.lengths[i].expand(S.shape[0], -1)
+
+        def segment(x, op):
+            return torch.segment_reduce(x, op, lengths=lengths, axis=1).cpu().numpy()
+
+        E = E_buf[: S.numel()].view(S.shape)
+        self.carry(i, acc["max_s"], segment(S, "max"), np.maximum)
+        if "min_e" in acc:
+            torch.addcmul(tt, S, tn, value=-2, out=E)
+            self.carry(i, acc["min_e"], segment(E, "min"), np.minimum)
+            self.carry(i, acc["sum_d"], segment(E.add_(qn_t.float() ** 2).clamp_(min=0).sqrt_(), "sum"), np.add)
+        if "sum_d_l2" in acc:
+            d = torch.mul(S, -2 / qn_t.float(), out=E).add_(2).clamp_(min=0).sqrt_()
+            self.carry(i, acc["sum_d_l2"], segment(d, "sum"), np.add)
+
+    def carry(self, i: int, acc: np.ndarray, part: np.ndarray, combine) -> None:
+        """Write block i's per-class reduction ``part`` into ``acc`` [b, n_classes], combining the
+        first class with what earlier blocks gave it when it began there."""
+        c0 = self.first_class[i]
+        if self.continues[i]:
+            acc[:, c0] = combine(acc[:, c0], part[:, 0])
+            acc[:, c0 + 1 : c0 + part.shape[1]] = part[:, 1:]
+        else:
+            acc[:, c0 : c0 + part.shape[1]] = part
 
 
 def _distance_error(min_d2, e2):
@@ -297,11 +468,7 @@ class _Exact:
     """
 
     def __init__(self, X, Q, inv, n_classes, k, device):
-        import torch
-
         self.X, self.Q, self.k, self.device = X, Q, k, device
-        if device.type != "cpu":
-            self.X_dev, self.Q_dev = torch.as_tensor(X).to(device), torch.as_tensor(Q).to(device)
         self.order = np.argsort(inv, kind="stable")
         self.counts = np.bincount(inv, minlength=n_classes)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
@@ -332,8 +499,9 @@ class _Exact:
             while a < len(items):  # chunks of whole test rows, about 2^25 products each
                 b = max(bounds[np.searchsorted(bounds, a + per, side="right") - 1],  # whole rows up to a + per
                         bounds[np.searchsorted(bounds, a, side="right")])  # or one whole row
-                i, q = (torch.from_numpy(v[a:b]).to(self.device) for v in (items, queries))
-                dot[a:b] = (self.X_dev[i].double() * self.Q_dev[q].double()).sum(dim=1).cpu().numpy()
+                # rows gathered on the host: neither matrix is copied whole to the device
+                x, q = (torch.as_tensor(M[v[a:b]]).to(self.device) for M, v in ((self.X, items), (self.Q, queries)))
+                dot[a:b] = (x.double() * q.double()).sum(dim=1).cpu().numpy()
                 a = b
         qq, tt = self.qq[queries], self.tt[items]
         if rule.endswith("cosine"):
@@ -348,42 +516,34 @@ class _Exact:
         row_start = np.searchsorted(group_row[pick], np.arange(n_rows))
         return group_class[pick][row_start[:, None] + np.arange(self.k)]
 
-    def top1(self, rule, rows, mask, item_scores, floor):
+    def _class_values(self, rule, rows, mask):
+        """float64 score of every train vector of every candidate class: (r, c, n, group, items,
+        value), pairs grouped by row, then class (ascending), then train order; group: the first
+        pair of each (row, class), n its number of train vectors."""
+        r, c = np.nonzero(mask)  # by row, classes ascending
+        n = self.counts[c]
+        group = np.cumsum(n) - n
+        items = self.order[np.repeat(self.starts[c] - group, n) + np.arange(n.sum())]
+        return r, c, n, group, items, self._values(rule, np.repeat(rows[r], n), items)
+
+    def top1(self, rule, rows, mask):
         """Rank candidate classes by their best train vector (ties: lowest train index).
 
-        Only train vectors that may be their class's best are scored in float64: those whose
-        float32 score (``item_scores``, tensor [n, n_train]) reaches ``floor`` [n, C], the class's
-        float32 best minus twice its error.
-        """
-        import torch
-
-        floor = np.where(mask, floor, np.inf)  # non-candidate classes take no part
-        if item_scores.device.type == "cpu":  # numpy: no thread-pool round trips for small arrays
-            r, j = np.nonzero(item_scores.numpy() >= floor[:, self.sorted_class])
-        else:
-            cls = torch.from_numpy(self.sorted_class).to(item_scores.device)
-            band = item_scores >= torch.from_numpy(floor).to(item_scores.device)[:, cls]
-            r, j = (v.cpu().numpy() for v in torch.nonzero(band, as_tuple=True))
-        # by row, then class, then train order
-        items, c = self.order[j], self.sorted_class[j]
-        value = self._values(rule, rows[r], items)
-        group = np.flatnonzero(np.diff(r * len(self.counts) + c, prepend=-1))
-        size = np.diff(np.append(group, len(r)))
+        Every train vector of a candidate class is scored in float64 (as ``mean`` does): no float32
+        score, and so no pass over the train blocks, is needed to find the best ones."""
+        r, c, n, group, items, value = self._class_values(rule, rows, mask)
         best = np.maximum.reduceat(value, group)
-        first = np.minimum.reduceat(np.where(value == np.repeat(best, size), items, len(self.order)), group)
-        return self._rank(r[group], c[group], best, first, len(rows))
+        first = np.minimum.reduceat(np.where(value == np.repeat(best, n), items, len(self.order)), group)
+        return self._rank(r, c, best, first, len(rows))
 
     def mean(self, rule, rows, mask):
         """Rank candidate classes by their mean score over all their train vectors (ties: sorted
         label order)."""
-        r, c = np.nonzero(mask)  # by row, classes ascending
         if rule == MEAN_COSINE:
+            r, c = np.nonzero(mask)  # by row, classes ascending
             q = self.Q[rows[r]].astype(np.float64)
             centroids = np.stack([self.centroid(ci) for ci in c])
             score = (q * centroids).sum(axis=1) / np.sqrt(self.qq[rows[r]])
             return self._rank(r, c, score, c, len(rows))
-        n = self.counts[c]
-        group = np.cumsum(n) - n
-        items = self.order[np.repeat(self.starts[c] - group, n) + np.arange(n.sum())]
-        value = self._values(rule, np.repeat(rows[r], n), items)
+        r, c, n, group, _, value = self._class_values(rule, rows, mask)
         return self._rank(r, c, np.add.reduceat(value, group) / n, c, len(rows))

@@ -187,14 +187,21 @@ def zero_shot_auc(
 
 
 def auc_difference_table(
-    a: pd.DataFrame, b: pd.DataFrame, name_a: str, name_b: str, threshold: float = 0.005
+    a: pd.DataFrame, b: pd.DataFrame, name_a: str, name_b: str, threshold: float = 0.005,
+    p_values: pd.Series | dict | None = None, alpha: float = 0.05,
 ) -> pd.DataFrame:
     """Compare two per-label AUC tables (columns label, auc): diff = auc_b - auc_a.
 
-    mark is 'better' if diff > threshold, 'worse' if diff < -threshold, 'same'
-    otherwise, and 'n/a' where either AUC is missing. The default threshold 0.005
-    is 0.5 percentage points of AUC. Rows follow a's label order, then labels only
-    in b. The names are kept in `table.attrs` for `auc_difference_html`.
+    Without ``p_values`` (seed 003's rule): mark is 'better' if diff > threshold, 'worse' if
+    diff < -threshold, 'same' otherwise, and 'n/a' where either AUC is missing. The default
+    threshold 0.005 is 0.5 percentage points of AUC.
+
+    With ``p_values`` (label -> two-sided p of a paired test of the two AUCs, e.g. DeLong's): a
+    difference beyond the threshold is 'better' / 'worse' only when its p < ``alpha``; otherwise it
+    is 'not significant', or 'untested' for a label without a p-value (the macro and micro rows).
+    Column ``p_value`` holds the p-values (NaN without). Rows follow a's label order, then labels
+    only in b. The names, threshold and whether p-values were given are kept in `table.attrs` for
+    `auc_difference_html`.
     """
     for name, t in ((name_a, a), (name_b, b)):
         if not {"label", "auc"} <= set(t.columns):
@@ -212,37 +219,66 @@ def auc_difference_table(
     # A tiny tolerance so a difference of exactly the threshold (0.805 - 0.800) is not
     # marked by float rounding error.
     eps = 1e-12
-    merged["mark"] = np.select(
-        [merged["diff"].isna(), merged["diff"] > threshold + eps, merged["diff"] < -threshold - eps],
-        ["n/a", "better", "worse"], default="same",
-    )
-    merged.attrs.update(name_a=name_a, name_b=name_b, threshold=threshold)
+    beyond_up, beyond_down = merged["diff"] > threshold + eps, merged["diff"] < -threshold - eps
+    tested = p_values is not None
+    p = pd.Series(p_values if tested else {}, dtype=np.float64)
+    merged["p_value"] = merged["label"].map(p).astype(np.float64) if len(p) else np.nan
+    if not tested:
+        merged["mark"] = np.select([merged["diff"].isna(), beyond_up, beyond_down], ["n/a", "better", "worse"],
+                                   default="same")
+    else:
+        significant = merged["p_value"] < alpha
+        merged["mark"] = np.select(
+            [merged["diff"].isna(), ~(beyond_up | beyond_down), merged["p_value"].isna(), ~significant, beyond_up],
+            ["n/a", "same", "untested", "not significant", "better"], default="worse")
+    merged.attrs.update(name_a=name_a, name_b=name_b, threshold=threshold, tested=tested, alpha=alpha)
     return merged
 
 
 _MARK_COLOURS = {"better": "#1a7f37", "worse": "#cf222e"}
+_NO_DIFFERENCE_COLOUR = "#6e7781"  # grey: no detectable difference (with p-values only)
 
 
 def auc_difference_html(table: pd.DataFrame) -> str:
-    """An HTML table of `auc_difference_table`: differences beyond the threshold
-    are shown in green (improvement of b over a) or red (degradation)."""
+    """An HTML table of `auc_difference_table`: differences marked better are green (improvement of
+    b over a), worse red. With p-values, every other difference is grey ("no detectable
+    difference"), a column shows the p-values and a line under the table says the rule."""
     name_a = html.escape(str(table.attrs.get("name_a", "A")))
     name_b = html.escape(str(table.attrs.get("name_b", "B")))
+    tested = bool(table.attrs.get("tested", False))
 
     def cell(x: float, signed: bool = False) -> str:
         return "&ndash;" if pd.isna(x) else (f"{x:+.4f}" if signed else f"{x:.4f}")
 
+    def p_cell(x: float) -> str:
+        return "&ndash;" if pd.isna(x) else ("&lt;0.0001" if x < 1e-4 else f"{x:.4f}")
+
+    p_head = "<th>p (DeLong, paired)</th>" if tested else ""
     lines = [
         '<table class="auc-difference">',
-        f"<thead><tr><th>label</th><th>{name_a}</th><th>{name_b}</th><th>{name_b} &minus; {name_a}</th></tr></thead>",
+        f"<thead><tr><th>label</th><th>{name_a}</th><th>{name_b}</th><th>{name_b} &minus; {name_a}</th>"
+        f"{p_head}</tr></thead>",
         "<tbody>",
     ]
     for r in table.itertuples(index=False):
         colour = _MARK_COLOURS.get(r.mark)
-        style = f' style="color:{colour};font-weight:bold"' if colour else ""
+        if colour:
+            style = f' style="color:{colour};font-weight:bold"'
+        elif tested and r.mark != "n/a":
+            style = f' style="color:{_NO_DIFFERENCE_COLOUR}"'
+        else:
+            style = ""
+        p_col = f"<td>{p_cell(getattr(r, 'p_value', np.nan))}</td>" if tested else ""
         lines.append(
             f"<tr><td>{html.escape(str(r.label))}</td><td>{cell(r.auc_a)}</td><td>{cell(r.auc_b)}</td>"
-            f'<td class="{r.mark}"{style}>{cell(r.diff, signed=True)}</td></tr>'
+            f'<td class="{r.mark}"{style}>{cell(r.diff, signed=True)}</td>{p_col}</tr>'
         )
     lines += ["</tbody>", "</table>"]
+    if tested:
+        points = 100 * float(table.attrs.get("threshold", 0.005))
+        alpha = float(table.attrs.get("alpha", 0.05))
+        lines.append(f'<p class="auc-difference-rule">Green / red: {name_b} better / worse by more than '
+                     f"{points:g} points of AUC and DeLong's paired test p &lt; {alpha:g} on the same test images; "
+                     "grey: no detectable difference (within the threshold, not significant, or no test: macro "
+                     "and micro AUC are not tested).</p>")
     return "\n".join(lines)

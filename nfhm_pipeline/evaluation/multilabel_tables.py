@@ -13,7 +13,9 @@ The label decision is recorded in every warehouse row through the ``level`` colu
 names: ``auc:<label>``, ``n_pos:<label>``, ``n_neg:<label>`` (counted test entries),
 ``n_train:<label>`` (probe only), ``macro_auc``, ``micro_auc``, ``n_labels_defined``; ``grp`` is
 ``all``. Tasks: ``multilabel_probe``, ``multilabel_zero_shot``, ``alignment_head``.
-Everything is scored on the test rows of the dataset's shared split.
+Everything is scored on the test rows of the dataset's shared split. The entries each AUC counted,
+with their target and score, are kept for table ``auc_scores`` (``AucResult.scores_frame``), from
+which ``model_comparison`` pairs models on the same images (``evaluation.auc_differences``).
 """
 from __future__ import annotations
 
@@ -220,25 +222,41 @@ def auc_metric_rows(table: pd.DataFrame, summary: dict, *, task: str, level: str
 
 @dataclass
 class AucResult:
-    """What one AUC stage produced: warehouse tables plus the per-label AUC table of each task."""
+    """What one AUC stage produced: warehouse tables plus the per-label AUC table of each task, and
+    the per-image entries each AUC ranked (rows of table ``auc_scores``, for paired DeLong tests
+    between models in ``model_comparison``)."""
 
     tables: EvalTables = field(default_factory=EvalTables)
     per_label: dict[str, pd.DataFrame] = field(default_factory=dict)  # task → label, auc, n_pos, n_neg, ...
     summary: dict[str, dict] = field(default_factory=dict)  # task → auc_summary
+    scores: list[pd.DataFrame] = field(default_factory=list)  # auc_differences.score_rows per task
 
     def add(self, task: str, level: str, table: pd.DataFrame, summary: dict, n_images: int,
-            y=None, mask=None, scores=None) -> None:
+            y=None, mask=None, scores=None, image_ids=None) -> None:
         """Record one task's per-label table; with the test targets ``y`` / ``mask`` and ``scores``
-        [n_test, F] (label order of ``table``), each ``auc:<label>`` row gets DeLong's 95 % interval."""
+        [n_test, F] (label order of ``table``), each ``auc:<label>`` row gets DeLong's 95 % interval,
+        and with the test rows' ``image_ids`` [n_test] too, the counted entries are kept as
+        ``auc_scores`` rows."""
+        from nfhm_pipeline.evaluation.auc_differences import score_rows
+
         self.per_label[task] = table
         self.summary[task] = summary
         rows = auc_metric_rows(table, summary, task=task, level=level, n_images=n_images)
         if scores is not None:
             rows = _with_delong_intervals(rows, table, np.asarray(y), np.asarray(mask), np.asarray(scores, float))
+            if image_ids is not None:
+                self.scores.append(score_rows(task, level, image_ids, list(table["label"]), y, mask, scores))
         self.tables.metrics.append(rows)
         for r in table.itertuples(index=False):
             if r.reason is not None and not pd.isna(r.reason):
                 self.tables.skipped.append(f"{task}/{r.label}: {r.reason}")
+
+    def scores_frame(self) -> pd.DataFrame:
+        """Every task's ``auc_scores`` rows in one frame (SCORE_COLUMNS; empty when none were kept)."""
+        from nfhm_pipeline.evaluation.auc_differences import SCORE_COLUMNS
+
+        parts = [p for p in self.scores if len(p)]
+        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=SCORE_COLUMNS)
 
 
 def _with_delong_intervals(rows: pd.DataFrame, table: pd.DataFrame, y, mask, scores) -> pd.DataFrame:
@@ -280,14 +298,15 @@ def multilabel_tables(frame: pd.DataFrame, vectors: np.ndarray, targets: AucTarg
     train, test = _split_rows(frame)
     y, m, names = targets.y, targets.mask, targets.names
     out = AucResult()
+    test_ids = frame["image_id"].to_numpy()[test]
     scores, table = multilabel_probe(vectors[train], y[train], m[train], vectors[test], y[test], m[test],
                                      label_names=names, seed=seed)
     out.add(PROBE_TASK, targets.level, table, auc_summary(y[test], m[test], scores), int(test.sum()),
-            y[test], m[test], scores)
+            y[test], m[test], scores, test_ids)
     if text is not None:
         table, margin = _zero_shot_table(vectors[test], text, y[test], m[test], names)
         out.add(ZERO_SHOT_TASK, targets.level, table, auc_summary(y[test], m[test], margin), int(test.sum()),
-                y[test], m[test], margin)
+                y[test], m[test], margin, test_ids)
         out.tables.exclude(ZERO_SHOT_TASK, targets.level, frame, test & zero_vectors(vectors), ZERO_VECTOR)
     else:
         out.tables.skipped.append(f"{ZERO_SHOT_TASK}: the model has no text tower")
@@ -320,15 +339,19 @@ def _zero_shot_table(image_emb, text: LabelTexts, y, mask, names) -> tuple[pd.Da
 class AlignmentResult:
     head: object  # nfhm_pipeline.evaluation.alignment.AlignmentHead
     auc: AucResult
-    comparison: pd.DataFrame  # auc_difference_table(zero-shot, alignment head): label, auc_a, auc_b, diff, mark
+    # auc_difference_table(zero-shot, alignment head) with DeLong's paired p per label:
+    # label, auc_a, auc_b, diff, p_value, mark
+    comparison: pd.DataFrame
 
 
 def alignment_tables(frame: pd.DataFrame, vectors: np.ndarray, targets: AucTargets, text: LabelTexts, *,
                      seed: int, device: str = "cpu", epochs: int = 30) -> AlignmentResult:
     """Train an alignment head (semantic-matching loss) on the train rows' image embeddings against
     the positive label prompts, score the test rows by cosine to each label text, and compare the
-    per-label AUC with the zero-shot AUC of the same prompts (diff = head − zero-shot)."""
+    per-label AUC with the zero-shot AUC of the same prompts (diff = head − zero-shot; marked better
+    or worse only beyond 0.5 points with DeLong's paired p < 0.05 on the same test entries)."""
     from nfhm_pipeline.evaluation.alignment import train_alignment_head
+    from nfhm_pipeline.evaluation.confidence import delong_paired_test
     from nfhm_pipeline.evaluation.multilabel import auc_difference_table, roc_auc_per_label
 
     train, test = _split_rows(frame)
@@ -339,9 +362,13 @@ def alignment_tables(frame: pd.DataFrame, vectors: np.ndarray, targets: AucTarge
     out = AucResult()
     table = roc_auc_per_label(y[test], m[test], scores, names)
     out.add(ALIGNMENT_TASK, targets.level, table, auc_summary(y[test], m[test], scores), int(test.sum()),
-            y[test], m[test], scores)
-    zero_shot, _ = _zero_shot_table(vectors[test], text, y[test], m[test], names)
-    comparison = auc_difference_table(zero_shot, table, "zero-shot", "alignment head")
+            y[test], m[test], scores, frame["image_id"].to_numpy()[test])
+    zero_shot, margin = _zero_shot_table(vectors[test], text, y[test], m[test], names)
+    p_values = {}
+    for j, name in enumerate(names):
+        counted = m[test][:, j].astype(bool)
+        _, p_values[name] = delong_paired_test(y[test][counted, j], scores[counted, j], margin[counted, j])
+    comparison = auc_difference_table(zero_shot, table, "zero-shot", "alignment head", p_values=p_values)
     return AlignmentResult(head=head, auc=out, comparison=comparison)
 
 
@@ -382,18 +409,27 @@ def auc_table_from_metrics(metrics: pd.DataFrame, model: str, task: str = PROBE_
 
 
 def auc_difference_report(metrics: pd.DataFrame, model_a: str, model_b: str, *, task: str = PROBE_TASK,
-                          task_b: str | None = None, level: str | None = None,
-                          threshold: float = 0.005) -> tuple[pd.DataFrame, str]:
+                          task_b: str | None = None, level: str | None = None, threshold: float = 0.005,
+                          differences: pd.DataFrame | None = None,
+                          alpha: float = 0.05) -> tuple[pd.DataFrame, str]:
     """Seed 003's comparison: per-label AUC of ``model_b`` (task ``task_b``, default ``task``) minus
     ``model_a`` (task ``task``), plus the macro/micro rows, as a table (label, auc_a, auc_b, diff,
-    mark) and an HTML table with differences beyond ``threshold`` (0.005 = 0.5 points) in green
-    (b better) or red (b worse). ``metrics``: warehouse rows of one dataset."""
+    p_value, mark) and an HTML table. ``metrics``: warehouse rows of one dataset.
+
+    ``differences`` (``model_differences`` rows of the dataset's current split, None: no tests):
+    a difference beyond ``threshold`` (0.005 = 0.5 points) is green (b better) or red (b worse)
+    only when DeLong's paired p of that label (``test = 'delong'``) is below ``alpha``; the rest is
+    grey, "no detectable difference" (see `auc_difference_table`). Without ``differences`` every
+    difference beyond the threshold is coloured (the seed's own rule)."""
+    from nfhm_pipeline.evaluation.auc_differences import significance_by_label
     from nfhm_pipeline.evaluation.multilabel import auc_difference_html, auc_difference_table
 
     a = auc_table_from_metrics(metrics, model_a, task, level)
     b = auc_table_from_metrics(metrics, model_b, task_b or task, level)
     name_a = model_a if (task_b or task) == task else f"{model_a} ({task})"
     name_b = model_b if (task_b or task) == task else f"{model_b} ({task_b})"
-    table = auc_difference_table(a, b, name_a, name_b, threshold=threshold)
+    p_values = None if differences is None else significance_by_label(
+        differences, task=task, level=a.attrs["level"], model_a=model_a, model_b=model_b, task_b=task_b)
+    table = auc_difference_table(a, b, name_a, name_b, threshold=threshold, p_values=p_values, alpha=alpha)
     return table, auc_difference_html(table)
 

@@ -39,6 +39,21 @@ EXCLUSION_COLUMNS = ["task", "level", "image_id", "split", "reason"]
 
 
 @dataclass
+class ItemScores:
+    """The per-item scores a metric row is the mean of, for its bootstrap interval: ``ids`` [n]
+    are image ids when ``images`` (resampled by the dataset's resample unit) or the names of
+    text queries (each its own unit), ``scores`` [n] floats (a hit is 1.0)."""
+
+    task: str
+    level: str
+    grp: str
+    metric: str
+    ids: np.ndarray
+    scores: np.ndarray
+    images: bool = True
+
+
+@dataclass
 class EvalTables:
     metrics: list[pd.DataFrame] = field(default_factory=list)
     per_class: list[pd.DataFrame] = field(default_factory=list)
@@ -48,6 +63,8 @@ class EvalTables:
     exclusions: list[pd.DataFrame] = field(default_factory=list)
     # per-group kNN rows skipped because the group holds a single class: (level, group, class)
     single_class_groups: list[tuple[str, str, str]] = field(default_factory=list)
+    # metrics that are means over items without a row in `predictions` (zero-shot, retrieval)
+    item_scores: list[ItemScores] = field(default_factory=list)
 
     def frames(self) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
         def cat(parts):
@@ -191,15 +208,18 @@ def _knn_level_group(out: EvalTables, frame, vectors, level, grp, tr, te, train_
     out.metrics.append(m.assign(task=names.KNN, level=level, grp=grp, std=np.nan, n=len(te)))
 
 
-def probe_tables(frame: pd.DataFrame, vectors: np.ndarray, levels, *, seed: int = 0) -> EvalTables:
+def probe_tables(frame: pd.DataFrame, vectors: np.ndarray, levels, *, seed: int = 0, n_jobs: int | None = None,
+                 log=None) -> EvalTables:
     """Standardised LinearSVC (C = 100 / N) and logistic probes per level on the shared split:
-    CV over the split's train folds (mean ± std), then refit on all train and scored on test."""
-    from nfhm_pipeline.errors import EvaluationError
-    from nfhm_pipeline.evaluation.linear_probe import probe_on_split
+    CV over the split's train folds (mean ± std), then refit on all train and scored on test.
+    Metrics rows carry the fits' ``iterations`` and ``converged``. Every fit of every level runs
+    in one pool (``n_jobs``: see ``linear_probe.run_probes``); ``log`` gets progress lines."""
+    from nfhm_pipeline.evaluation.linear_probe import ProbeJob, run_probes
 
     out = EvalTables()
     is_train = (frame["split"] == "train").to_numpy()
     tasks = (names.LINEAR_PROBE, names.LOGISTIC_PROBE)
+    jobs, where = [], []
     for level in levels:
         has = labelled(frame, level)
         out.exclude(tasks, level, frame, ~has, NO_LABEL)
@@ -211,18 +231,19 @@ def probe_tables(frame: pd.DataFrame, vectors: np.ndarray, levels, *, seed: int 
             continue
         for task in tasks:
             classifier = names.PROBE_CLASSIFIERS[task]
-            try:
-                result = probe_on_split(vectors[train], y[train], vectors[test], y[test], folds=folds,
-                                        classifier=classifier, seed=seed)
-            except EvaluationError as exc:
-                out.skipped.append(f"{task}/{level}: {exc}")
-                continue
-            out.metrics.append(result.metrics_frame().assign(task=task, level=level, grp=ALL))
-            pred = np.asarray(result.test_predictions).astype(str)
-            out.per_class.append(per_class_report(y[test], pred).assign(task=task, level=level, grp=ALL, rule=classifier))
-            out.predictions.append(pd.DataFrame({
-                "task": task, "level": level, "grp": ALL, "rule": classifier,
-                "image_id": frame["image_id"].to_numpy()[test], "true_label": y[test], "predicted_label": pred}))
+            jobs.append(ProbeJob(f"{task}/{level}", vectors[train], y[train], vectors[test], y[test], folds,
+                                 classifier, seed))
+            where.append((task, level, classifier, test, y))
+    for (task, level, classifier, test, y), result in zip(where, run_probes(jobs, n_jobs=n_jobs, log=log)):
+        if isinstance(result, Exception):
+            out.skipped.append(f"{task}/{level}: {result}")
+            continue
+        out.metrics.append(result.metrics_frame().assign(task=task, level=level, grp=ALL))
+        pred = np.asarray(result.test_predictions).astype(str)
+        out.per_class.append(per_class_report(y[test], pred).assign(task=task, level=level, grp=ALL, rule=classifier))
+        out.predictions.append(pd.DataFrame({
+            "task": task, "level": level, "grp": ALL, "rule": classifier,
+            "image_id": frame["image_id"].to_numpy()[test], "true_label": y[test], "predicted_label": pred}))
     return out
 
 
@@ -263,17 +284,28 @@ def zero_shot_tables(frame: pd.DataFrame, vectors: np.ndarray, prompts: pd.DataF
         unpredicted = np.zeros(len(frame), bool)
         unpredicted[np.flatnonzero(test)[known][no_vector]] = True
         out.exclude(tasks, level, frame, unpredicted, ZERO_VECTOR)
-        acc = zero_shot_accuracy(vectors[test][known], idx[known], emb, no_prediction=no_vector)
+        hits: dict = {}
+        acc = zero_shot_accuracy(vectors[test][known], idx[known], emb, no_prediction=no_vector, per_query=hits)
         # top-k with k >= the number of classes holds every class: 100 % by construction
         acc = acc[(acc["k"] == 1) | (acc["k"] < len(classes))]
         acc = acc.assign(metric=[names.zero_shot_metric(k, p) for k, p in zip(acc["k"], acc["prompting"])])
+        image_ids = frame["image_id"].astype(str).to_numpy()[test][known]
+        out.item_scores += [ItemScores(names.ZERO_SHOT, level, ALL, metric, image_ids, hits[(p, k)].astype(np.float64))
+                            for metric, p, k in zip(acc["metric"], acc["prompting"], acc["k"])]
         out.metrics.append(pd.DataFrame({"task": names.ZERO_SHOT, "level": level, "grp": ALL, "metric": acc["metric"],
                                          "value": acc["value"], "std": np.nan, "n": acc["n_images"]}))
         if no_vector.all():
             out.skipped.append(f"retrieval/{level}: every test image has an all-zero embedding")
             continue
+        per_query: dict = {}
         ret = retrieval_metrics(vectors[test][known], idx[known], ensemble_class_embeddings(emb), np.arange(len(classes)),
-                                no_prediction=no_vector)
+                                no_prediction=no_vector, per_query=per_query)
+        text_ids = np.array([f"text:{c}" for c in classes], dtype=object)
+        out.item_scores += [
+            ItemScores(names.RETRIEVAL, level, ALL, names.retrieval_metric(d, m, k),
+                       image_ids if d == names.IMAGE_TO_TEXT else text_ids, per_query[(d, k, m)],
+                       images=d == names.IMAGE_TO_TEXT)
+            for d, m, k in zip(ret["direction"], ret["metric"], ret["k"])]
         out.metrics.append(pd.DataFrame({
             "task": names.RETRIEVAL, "level": level, "grp": ALL,
             "metric": [names.retrieval_metric(d, m, k) for d, m, k in zip(ret["direction"], ret["metric"], ret["k"])],

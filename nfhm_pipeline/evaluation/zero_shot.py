@@ -86,6 +86,7 @@ def zero_shot_accuracy(
     *,
     ks: Sequence[int] = (1, 5),
     no_prediction: np.ndarray | None = None,
+    per_query: dict | None = None,
 ) -> pd.DataFrame:
     """Top-k accuracy of zero-shot classification, single template vs prompt ensemble.
 
@@ -93,7 +94,8 @@ def zero_shot_accuracy(
     with template 0 as the single template; ``no_prediction``: bool per image, True for images
     that get no prediction and count as misses (see the module docstring). Returns columns
     prompting ('single_template' | 'ensemble'), k, k_effective (= min(k, C)), metric
-    ('top{k}_accuracy'), value, n_images (every image, misses included).
+    ('top{k}_accuracy'), value, n_images (every image, misses included). ``per_query``: a dict
+    to fill with (prompting, k) → bool [n_images], each image's hit (what a bootstrap resamples).
     """
     if min(ks, default=0) < 1:
         raise EvaluationError(f"Every k must be at least 1, got {list(ks)}.")
@@ -117,6 +119,8 @@ def zero_shot_accuracy(
                 ranking[scored] = zero_shot_predict(np.asarray(image_emb)[scored], classes, k=max(ks))
         for k in ks:
             hit = (ranking[:, :k] == labels[:, None]).any(axis=1)
+            if per_query is not None:
+                per_query[(prompting, k)] = hit
             rows.append((prompting, k, min(k, n_classes), f"top{k}_accuracy", float(hit.mean()), len(labels)))
     return pd.DataFrame(rows, columns=["prompting", "k", "k_effective", "metric", "value", "n_images"])
 
@@ -129,16 +133,19 @@ def retrieval_metrics(
     ks: Sequence[int] = (1, 2, 5, 10),
     *,
     no_prediction: np.ndarray | None = None,
+    per_query: dict | None = None,
 ) -> pd.DataFrame:
     """Image→text and text→image Precision@K and Recall@K (conventions in the module docstring).
 
     ``no_prediction``: bool per image, True for images that are neither ranked nor candidates
     (misses as queries). Returns columns direction ('image_to_text' | 'text_to_image'), k,
-    k_effective, metric ('precision' | 'recall'), value, convention.
+    k_effective, metric ('precision' | 'recall'), value, convention. ``per_query``: a dict to fill
+    with (direction, k, metric) → float [n_queries], each query's score in input order (images for
+    image→text, texts for text→image; a no-prediction image scores 0): what a bootstrap resamples.
     """
     scored = _scored_rows(no_prediction, len(np.asarray(image_emb)))
     if scored is not None:
-        return _retrieval_with_misses(image_emb, image_labels, text_emb, text_labels, ks, scored)
+        return _retrieval_with_misses(image_emb, image_labels, text_emb, text_labels, ks, scored, per_query)
     images, texts = _unit_rows(image_emb, "image embeddings"), _unit_rows(text_emb, "text embeddings")
     if images.shape[1] != texts.shape[1]:
         raise EvaluationError(f"Image embeddings have dim {images.shape[1]} but text embeddings have dim {texts.shape[1]}.")
@@ -158,6 +165,9 @@ def retrieval_metrics(
         hits = c_lab[_top_k(q, c, max(ks))] == q_lab[:, None]
         for k in ks:
             ke = min(k, len(c))
+            if per_query is not None:
+                per_query[(direction, k, PRECISION)] = hits[:, :ke].mean(axis=1)
+                per_query[(direction, k, RECALL)] = hits[:, :ke].any(axis=1).astype(np.float64)
             rows.append((direction, k, ke, PRECISION, float(hits[:, :ke].mean(axis=1).mean()), PRECISION_CONVENTION))
             rows.append((direction, k, ke, RECALL, float(hits[:, :ke].any(axis=1).mean()), RECALL_CONVENTION))
     return pd.DataFrame(rows, columns=["direction", "k", "k_effective", "metric", "value", "convention"])
@@ -176,7 +186,8 @@ def _scored_rows(no_prediction, n: int) -> np.ndarray | None:
     return ~missing if missing.any() else None
 
 
-def _retrieval_with_misses(image_emb, image_labels, text_emb, text_labels, ks, scored) -> pd.DataFrame:
+def _retrieval_with_misses(image_emb, image_labels, text_emb, text_labels, ks, scored,
+                           per_query: dict | None = None) -> pd.DataFrame:
     """`retrieval_metrics` where the images outside ``scored`` are misses as queries (P@K = R@K = 0)
     and never candidates."""
     image_emb, image_labels = np.asarray(image_emb), np.asarray(image_labels)
@@ -205,6 +216,14 @@ def _retrieval_with_misses(image_emb, image_labels, text_emb, text_labels, ks, s
             # a query without a prediction adds a row of misses
             precision = np.concatenate([hits[:, :ke].mean(axis=1), np.zeros(missed)]).mean()
             recall = np.concatenate([hits[:, :ke].any(axis=1), np.zeros(missed, bool)]).mean()
+            if per_query is not None:  # in input order: the images' queries put back in their rows
+                scores = {PRECISION: hits[:, :ke].mean(axis=1), RECALL: hits[:, :ke].any(axis=1).astype(np.float64)}
+                for metric, values in scores.items():
+                    if missed:
+                        full = np.zeros(len(scored))
+                        full[scored] = values
+                        values = full
+                    per_query[(direction, k, metric)] = values
             rows.append((direction, k, ke, PRECISION, float(precision), PRECISION_CONVENTION))
             rows.append((direction, k, ke, RECALL, float(recall), RECALL_CONVENTION))
     return pd.DataFrame(rows, columns=["direction", "k", "k_effective", "metric", "value", "convention"])

@@ -41,6 +41,8 @@ class ReportInputs:
     baselines: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=BASELINE_COLUMNS))
     split_summary: pd.DataFrame | None = None
     rejected: pd.DataFrame | None = None
+    # model_differences of the current split (every model against the best; None: no such table)
+    differences: pd.DataFrame | None = None
 
 
 @dataclass
@@ -59,8 +61,9 @@ class ComparisonReport:
 
 
 def read_inputs(warehouse_path: str | Path, dataset: str) -> ReportInputs:
-    """The dataset's current-split results, embedding runs, class baselines of the split and the
-    split's facts (``split_summary`` and ``rejected_images``; tolerated when absent)."""
+    """The dataset's current-split results, embedding runs, class baselines of the split, the
+    split's facts (``split_summary`` and ``rejected_images``) and the paired comparisons of the
+    current split (``model_differences``); each of the last three tolerated when absent."""
     metrics = provenance.current_rows(warehouse_path, "metrics", dataset)
     predictions = provenance.current_rows(warehouse_path, "predictions", dataset, task=names.KNN,
                                           rule=names.TOP1_COSINE, grp="all")
@@ -70,7 +73,18 @@ def read_inputs(warehouse_path: str | Path, dataset: str) -> ReportInputs:
         predictions=predictions, stale_models=provenance.stale_models(warehouse_path, dataset),
         baselines=class_baselines(labels) if len(labels) else pd.DataFrame(columns=BASELINE_COLUMNS),
         split_summary=_optional_table(warehouse_path, "split_summary", dataset),
-        rejected=_optional_table(warehouse_path, "rejected_images", dataset))
+        rejected=_optional_table(warehouse_path, "rejected_images", dataset),
+        differences=current_differences(warehouse_path, dataset))
+
+
+def current_differences(warehouse_path: str | Path, dataset: str) -> pd.DataFrame | None:
+    """The dataset's ``model_differences`` rows computed on its current split (rows of an earlier
+    split would compare models the report no longer shows); None when the table does not exist."""
+    rows = _optional_table(warehouse_path, "model_differences", dataset)
+    if rows is None:
+        return None
+    split_id = provenance.current_split_id(warehouse_path, dataset)
+    return rows[rows["split_id"] == split_id].reset_index(drop=True) if split_id else rows.iloc[0:0]
 
 
 def split_labels(warehouse_path: str | Path, dataset: str) -> pd.DataFrame:
@@ -138,7 +152,7 @@ def build_comparison(dataset: str, levels, inputs: ReportInputs, out_dir: Path) 
     report = ComparisonReport(
         summary_markdown=markdown_summary(metrics, inputs.runs, dataset, baselines=baselines,
                                           stale_models=inputs.stale_models, split_summary=inputs.split_summary,
-                                          rejected=inputs.rejected),
+                                          rejected=inputs.rejected, differences=inputs.differences),
         stale_models=list(inputs.stale_models))
 
     def add_image(key: str, level: str | None, fig, file_name: str, caption: str) -> None:
@@ -187,7 +201,7 @@ def build_comparison(dataset: str, levels, inputs: ReportInputs, out_dir: Path) 
         title = "image ↔ text retrieval (%)"
         report.tables[title] = retrieval_table(metrics, baselines=baselines)
         report.table_notes[title] = RETRIEVAL_NOTE
-    add_auc_comparisons(report, metrics)
+    add_auc_comparisons(report, metrics, inputs.differences)
     maps_root = out_dir / MAPS_FOLDER
     for model in sorted(metrics["model"].astype(str).unique()):
         for level in levels:
@@ -202,23 +216,26 @@ def build_comparison(dataset: str, levels, inputs: ReportInputs, out_dir: Path) 
     return report
 
 
-def add_auc_comparisons(report: ComparisonReport, metrics: pd.DataFrame) -> None:
-    """Seed 003's per-label AUC difference tables (green better / red worse beyond 0.5 points):
-    every model's probe against the first baseline, and each alignment head against zero-shot.
-    Each is shown once in the HTML report (the coloured fragment); the plain table goes to the
-    metadata only."""
+def add_auc_comparisons(report: ComparisonReport, metrics: pd.DataFrame,
+                        differences: pd.DataFrame | None = None) -> None:
+    """Seed 003's per-label AUC difference tables: every model's probe against the first baseline,
+    and each alignment head against zero-shot. With ``differences`` (the dataset's current
+    ``model_differences`` rows) a difference is green (better) / red (worse) only beyond 0.5 points
+    AND with DeLong's paired p < 0.05, else grey (no detectable difference); without them, the
+    seed's rule (beyond 0.5 points). Each is shown once in the HTML report (the coloured fragment);
+    the plain table goes to the metadata only."""
     from nfhm_pipeline.evaluation.multilabel_tables import auc_difference_report
 
     probe_models = sorted(metrics.loc[metrics["task"] == names.MULTILABEL_PROBE, "model"].unique())
     if len(probe_models) > 1:
         base = "raw-pixels" if "raw-pixels" in probe_models else probe_models[0]
         for other in (m for m in probe_models if m != base):
-            table, fragment = auc_difference_report(metrics, base, other)
+            table, fragment = auc_difference_report(metrics, base, other, differences=differences)
             report.extra_tables[f"probe AUC: {other} vs {base}"] = table
             report.html_sections[f"probe AUC difference: {other} vs {base}"] = fragment
     for model in sorted(metrics.loc[metrics["task"] == names.ALIGNMENT_HEAD, "model"].unique()):
         table, fragment = auc_difference_report(metrics, model, model, task=names.MULTILABEL_ZERO_SHOT,
-                                                task_b=names.ALIGNMENT_HEAD)
+                                                task_b=names.ALIGNMENT_HEAD, differences=differences)
         report.extra_tables[f"alignment head vs zero-shot AUC: {model}"] = table
         report.html_sections[f"alignment head vs zero-shot AUC: {model}"] = fragment
 

@@ -76,6 +76,53 @@ def _pct(value: float) -> str:
     return "n/a" if not np.isfinite(value) else f"{100 * value:.1f}"
 
 
+INTERVAL_METHODS = {"bootstrap-paired": "paired bootstrap", "wilson": "Wilson", "delong": "DeLong"}
+
+
+def interval_legend_label(rows: pd.DataFrame) -> str:
+    """The legend entry of the error bars drawn from ``rows``: '95 % interval (paired bootstrap)',
+    naming the method(s) of ``ci_method``; 'mean ± std over CV folds' when every row is cv-std
+    (a spread, not a 95 % interval)."""
+    methods = sorted(set(rows["ci_method"].dropna().astype(str))) if "ci_method" in rows.columns else []
+    if methods == ["cv-std"]:
+        return "mean ± std over CV folds"
+    named = ", ".join(INTERVAL_METHODS.get(m, m) for m in methods if m != "cv-std")
+    return "95 % interval" + (f" ({named})" if named else "")
+
+
+def draw_intervals(ax, x, low, high, *, label: str | None = None):
+    """Vertical error bars spanning exactly [low, high] at positions ``x`` (the bars' units), drawn
+    only where both ends are finite: a row without an interval gets no error bar (not a zero-length
+    one). Returns the ErrorbarContainer, or None when no row has an interval. ``label`` names it in
+    the legend (None: left out of the legend)."""
+    x, low, high = (np.asarray(a, dtype=float) for a in (x, low, high))
+    ok = np.isfinite(x) & np.isfinite(low) & np.isfinite(high)
+    if not ok.any():
+        return None
+    # Centred on the interval's midpoint, so the drawn extent is the interval even where a
+    # percentile interval does not contain the point estimate.
+    middle, half = (low[ok] + high[ok]) / 2, np.abs(high[ok] - low[ok]) / 2
+    container = ax.errorbar(x[ok], middle, yerr=half, fmt="none", ecolor="0.1", elinewidth=1.0, capsize=2.5,
+                            zorder=4, label=label if label else "_nolegend_")
+    # A thin white edge keeps the error bar visible where it crosses a dark bar.
+    from matplotlib import patheffects
+
+    halo = [patheffects.withStroke(linewidth=2.6, foreground="white")]
+    for artist in (*container.lines[1], *container.lines[2]):
+        artist.set_path_effects(halo)
+    return container
+
+
+def label_bars(ax, x, tops, texts, *, fontsize: float = 7, rotation: float = 0, padding: float = 2) -> None:
+    """Write ``texts[i]`` above position ``x[i]`` at height ``tops[i]`` (the bar's end, or its error
+    bar's end where that is higher, so a label never sits on an error bar); a missing height puts the
+    text on the axis (a 'n/a' stays visible)."""
+    for xi, top, text in zip(x, tops, texts):
+        y = top if np.isfinite(top) else 0.0
+        ax.annotate(text, (xi, y), xytext=(0, padding), textcoords="offset points", ha="center", va="bottom",
+                    fontsize=fontsize, rotation=rotation)
+
+
 def _sort_groups(groups) -> list[str]:
     """Taxa alphabetically, with 'all' (the whole dataset) last."""
     return sorted((g for g in groups if g != "all"), key=str) + (["all"] if "all" in set(groups) else [])
@@ -132,7 +179,9 @@ def knn_group_bars(
     Heights are percent (value * 100) on a 0-100 axis labelled 'Accuracy (%)', each bar labelled with
     its value; each model has its own colour (:func:`model_styles`); the legend sits below the axes
     so it never covers a bar. The title says that per-group bars search neighbours within the group.
-    Where the rows carry ``ci_low`` / ``ci_high``, each bar gets its 95 % interval as an error bar.
+    Where a row carries ``ci_low`` / ``ci_high``, its bar gets an error bar spanning exactly that
+    95 % interval (:func:`draw_intervals`; one legend entry naming the ``ci_method``); a row without
+    an interval (NaN) gets none. Bar labels sit above the error bar's end.
     ``baselines`` (rows of :func:`nfhm_pipeline.reports.summary.class_baselines` for this level,
     columns grp, majority, chance) adds, over each group's bars, a dashed line at the majority-class
     accuracy and a dotted one at chance. Returns a Figure.
@@ -163,27 +212,30 @@ def knn_group_bars(
     base = None
     if baselines is not None and len(baselines):
         base = baselines.set_index("grp").reindex(groups)
+    interval_label = interval_legend_label(rows)
     for ax, rule in zip(axes, rule_pair):
         table = rows[rows["metric"] == rule].pivot(index="grp", columns="model", values="value")
         table = table.reindex(index=groups, columns=models)
-        bounds = {}
+        intervals = {}
         if {"ci_low", "ci_high"} <= set(rows.columns):
             for end in ("ci_low", "ci_high"):
-                bounds[end] = rows[rows["metric"] == rule].pivot(index="grp", columns="model", values=end) \
+                intervals[end] = rows[rows["metric"] == rule].pivot(index="grp", columns="model", values=end) \
                     .reindex(index=groups, columns=models)
         for i, model in enumerate(models):
             values = table[model].to_numpy(dtype=float)
+            centres = x + (i - (len(models) - 1) / 2) * width
             colour, hatch = styles[model]
-            yerr = None
-            if bounds:  # 95 % interval as error bars; none where a row has no interval
-                low = bounds["ci_low"][model].to_numpy(dtype=float)
-                high = bounds["ci_high"][model].to_numpy(dtype=float)
-                yerr = np.nan_to_num(np.vstack([values - low, high - values]) * 100, nan=0.0).clip(min=0)
-            bars = ax.bar(x + (i - (len(models) - 1) / 2) * width, values * 100, width, label=model,
-                          color=colour, hatch=hatch or None, edgecolor="white" if hatch else None,
-                          yerr=yerr, error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "0.25"})
-            ax.bar_label(bars, labels=[_pct(v) for v in values], padding=2,
-                         fontsize=7, rotation=90 if n_bars > 12 else 0)
+            ax.bar(centres, values * 100, width, label=model, color=colour, hatch=hatch or None,
+                   edgecolor="white" if hatch else None)
+            tops = values
+            if intervals:
+                low = intervals["ci_low"][model].to_numpy(dtype=float)
+                high = intervals["ci_high"][model].to_numpy(dtype=float)
+                if draw_intervals(ax, centres, low * 100, high * 100, label=interval_label) is not None:
+                    interval_label = None  # one legend entry for every error bar of the figure
+                tops = np.where(np.isfinite(low) & np.isfinite(high), np.fmax(values, high), values)
+            label_bars(ax, centres, tops * 100, [_pct(v) for v in values], fontsize=7,
+                       rotation=90 if n_bars > 12 else 0)
         if base is not None:
             _draw_baselines(ax, x, base["majority"].to_numpy(float), base["chance"].to_numpy(float))
         ax.set_title(f"{rule_title(rule)} — {level}", pad=14)  # room for a '100.0' bar label below it
@@ -194,9 +246,12 @@ def knn_group_bars(
         ax.set_axisbelow(True)
     for ax in axes[n_rules:]:
         ax.set_visible(False)
-    handles, labels = axes[0].get_legend_handles_labels()
-    order = sorted(range(len(labels)), key=lambda i: labels[i] not in styles)  # models first, then baselines
-    handles, labels = [handles[i] for i in order], [labels[i] for i in order]
+    entries = {}  # label → handle, over every subplot (the error bars may start in the second)
+    for ax in axes[:n_rules]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    labels = sorted(entries, key=lambda label: label not in styles)  # models first, then intervals, baselines
+    handles = [entries[label] for label in labels]
     # 'outside' asks constrained layout to reserve a strip below the axes for the legend.
     fig.legend(handles, labels, loc="outside lower center", ncols=min(len(handles), 4), frameon=False)
     dataset = rows["dataset"].iloc[0]
@@ -351,7 +406,9 @@ def retrieval_table(metrics: pd.DataFrame, *, grp: str = "all", baselines: pd.Da
 def speed_bars(embedding_runs: pd.DataFrame, *, dataset: str | None = None):
     """Horizontal bars of embedding throughput (axis 'Images per second'), one bar per
     (dataset, model) from its latest run that embedded new images, in the model's colour,
-    annotated with the image count and seconds of that run. Returns a Figure."""
+    annotated with the image count and seconds of that run. Returns a Figure.
+    The one bar chart without error bars: a speed is one timed run, not an estimate from a sample
+    of test images, so there is no interval to draw."""
     from nfhm_pipeline.reports.summary import throughput_table
 
     runs = throughput_table(embedding_runs, dataset=dataset)

@@ -48,20 +48,68 @@ def _all_group_values(metrics: pd.DataFrame, task: str, names) -> pd.DataFrame:
 
 
 
-def rank_models(metrics: pd.DataFrame, *, level: str | None = None) -> pd.DataFrame:
+# ---------------------------------------------------------------- standing against the best
+TIED_P_HOLM = 0.05  # Holm-adjusted p at or above which a model is statistically tied with the best
+BEST, TIED, BELOW = "best", "tied with best", "below best"
+
+
+def standing_against_best(differences: pd.DataFrame | None, *, level: str, task: str = KNN,
+                          metric: str = TOP1_COSINE, grp: str = "all") -> pd.DataFrame:
+    """Each compared model's standing on (task, level, grp, metric), from ``model_differences`` rows
+    (every model against the best, paired bootstrap, Holm-adjusted over the others).
+
+    One row per model, indexed by model, columns ``standing`` and ``p_holm``: the best (``model_a``)
+    is 'best' (p_holm NaN); another model is 'tied with best' when its p_holm >= 0.05 and 'below
+    best' when p_holm < 0.05 (a NaN p_holm is neither: no row). Empty when ``differences`` is None
+    or holds no row for the key (one model only, or the comparison not run yet). This is the one
+    rule the markdown summary, the HTML report and their tests read.
+    """
+    out = pd.DataFrame({"standing": pd.Series(dtype=object), "p_holm": pd.Series(dtype=float)})
+    out.index.name = "model"
+    if differences is None or differences.empty:
+        return out
+    rows = differences[(differences["task"] == task) & (differences["metric"] == metric)
+                       & (differences["level"] == level) & (differences["grp"] == grp)]
+    rows = rows[rows["p_holm"].notna()]
+    if rows.empty:
+        return out
+    best = sorted(rows["model_a"].astype(str).unique())
+    if len(best) > 1:
+        raise EvaluationError(f"model_differences names {len(best)} best models {best} for ({task}, {level}, "
+                              f"{grp}, {metric}); expected one: read the rows of one split only")
+    p = rows.set_index(rows["model_b"].astype(str))["p_holm"].astype(float)
+    standing = pd.Series(np.where(p >= TIED_P_HOLM, TIED, BELOW), index=p.index, dtype=object)
+    out = pd.concat([pd.DataFrame({"standing": [BEST], "p_holm": [np.nan]}, index=best),
+                     pd.DataFrame({"standing": standing, "p_holm": p})])
+    out.index.name = "model"
+    return out
+
+
+def _interval_columns(metrics: pd.DataFrame, task: str, metric: str, prefix: str) -> pd.DataFrame:
+    """``<prefix>_ci_low`` / ``<prefix>_ci_high`` indexed by (dataset, level, model), grp 'all'."""
+    rows = select_rows(metrics, task=task, grp="all", metric=[metric]).set_index(["dataset", "level", "model"])
+    return rows[["ci_low", "ci_high"]].rename(columns={"ci_low": f"{prefix}_ci_low", "ci_high": f"{prefix}_ci_high"})
+
+
+def rank_models(metrics: pd.DataFrame, *, level: str | None = None,
+                differences: pd.DataFrame | None = None) -> pd.DataFrame:
     """Models ranked per (dataset, level) by whole-dataset (grp 'all') k-NN top1_cosine.
 
     Columns: dataset, level, rank, model, top1_cosine, mean_cosine, plus probe_cv_accuracy,
     probe_cv_std (the linear probe's CV accuracy over the split's folds, mean and std) and
     probe_test_accuracy (refit on all train, scored on the test split) when any linear-probe
-    result exists. Ties share the best rank (1, 1, 3) and are listed by mean_cosine, then model
-    name; models without top1_cosine come last with rank <NA>. Values are fractions.
+    result exists. Where ``metrics`` has ``ci_low`` / ``ci_high``: ``<column>_ci_low`` /
+    ``<column>_ci_high`` (95 % interval) for top1_cosine, mean_cosine and probe_test_accuracy.
+    ``vs_best`` / ``p_holm_vs_best``: the model's :func:`standing_against_best` on top-1 cosine from
+    ``differences`` (``model_differences`` rows; None where a model was not compared).
+    Ties share the best rank (1, 1, 3) and are listed by mean_cosine, then model name; models
+    without top1_cosine come last with rank <NA>. Values are fractions.
     """
     knn = _all_group_values(metrics, KNN, (TOP1_COSINE, MEAN_COSINE))
-    if "ci_low" in metrics.columns:  # the 95 % interval of the ranking metric, where stored
-        top1 = select_rows(metrics, task=KNN, grp="all", metric=[TOP1_COSINE]).set_index(["dataset", "level", "model"])
-        knn = knn.join(top1[["ci_low", "ci_high"]].rename(columns={"ci_low": "top1_cosine_ci_low",
-                                                                   "ci_high": "top1_cosine_ci_high"}), how="left")
+    has_intervals = {"ci_low", "ci_high"} <= set(metrics.columns)
+    if has_intervals:  # the 95 % intervals, where stored
+        for metric in (TOP1_COSINE, MEAN_COSINE):
+            knn = knn.join(_interval_columns(metrics, KNN, metric, metric), how="left")
     # the probe metrics evaluation.tables.probe_tables writes
     probe = select_rows(metrics, task=LINEAR_PROBE, grp="all", metric=[CV_ACCURACY, TEST_ACCURACY])
     if not probe.empty:
@@ -71,6 +119,9 @@ def rank_models(metrics: pd.DataFrame, *, level: str | None = None) -> pd.DataFr
         std = cv["std"] if "std" in cv.columns else pd.Series(np.nan, index=cv.index)
         joined = pd.DataFrame({"probe_cv_accuracy": cv["value"], "probe_cv_std": std}).join(
             test["value"].rename("probe_test_accuracy"), how="outer")
+        if has_intervals:
+            joined = joined.join(_interval_columns(metrics, LINEAR_PROBE, TEST_ACCURACY, "probe_test_accuracy"),
+                                 how="left")
         knn = knn.join(joined, how="left")
     table = knn.reset_index()
     if level is not None:
@@ -82,6 +133,16 @@ def rank_models(metrics: pd.DataFrame, *, level: str | None = None) -> pd.DataFr
                               ascending=[True, True, False, False, True], na_position="last")
     table["rank"] = (table.groupby(["dataset", "level"])[TOP1_COSINE]
                      .rank(method="min", ascending=False).astype("Int64"))
+    standing, p_holm = [], []
+    for row in table.itertuples():
+        diffs = differences
+        if diffs is not None and "dataset" in diffs.columns:
+            diffs = diffs[diffs["dataset"] == row.dataset]
+        known = standing_against_best(diffs, level=row.level)
+        standing.append(known["standing"].get(row.model))
+        p_holm.append(known["p_holm"].get(row.model, np.nan))
+    table["vs_best"] = pd.Series(standing, index=table.index, dtype=object)
+    table["p_holm_vs_best"] = pd.Series(p_holm, index=table.index, dtype=float)
     first = ["dataset", "level", "rank", "model"]
     table = table[first + [c for c in table.columns if c not in first]]
     table.columns.name = None
@@ -243,6 +304,45 @@ def _md_table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join([line(header), line(["---"] * len(header))] + [line(r) for r in body])
 
 
+STANDING_HEADING = "vs best (top-1 cosine)"
+STANDING_NOTE = (f"vs best: each model against the best one (**{BEST}**) on top-1 cosine over the same test "
+                 f"images (paired bootstrap, p Holm-adjusted over the models): '{TIED}' means p ≥ "
+                 f"{TIED_P_HOLM:g} (the gap could be chance), '{BELOW}' means p < {TIED_P_HOLM:g}.")
+
+
+def standing_text(standing, p_holm) -> str:
+    """The 'vs best' cell: '**best**', 'tied with best (p = 0.42)', 'below best (p = 0.003)', or '—'
+    (not compared)."""
+    if standing is None or pd.isna(standing):
+        return "—"
+    if standing == BEST:
+        return f"**{BEST}**"
+    return f"{standing} (p {_p_text(p_holm)})"
+
+
+def _p_text(p) -> str:
+    if p is None or pd.isna(p):
+        return "n/a"
+    return "< 0.001" if p < 0.001 else (f"= {p:.3f}" if p < 0.01 else f"= {p:.2f}")
+
+
+def _tied_cell(standing: pd.DataFrame, winners: list[str]) -> str:
+    """The models tied with the best (``standing``) beyond the exact winners, or 'none' / 'not compared'."""
+    if standing.empty:
+        return "not compared"
+    tied = [m for m in sorted(standing.index[standing["standing"] == TIED]) if m not in winners]
+    return ", ".join(tied) if tied else "none"
+
+
+def _pct_ci(row, column: str) -> str:
+    """``row[column]`` in percent, with ' [low, high]' from ``<column>_ci_low/high`` where both are stored."""
+    text = _pct(row.get(column, np.nan))
+    low, high = row.get(f"{column}_ci_low", np.nan), row.get(f"{column}_ci_high", np.nan)
+    if text != "—" and pd.notna(low) and pd.notna(high):
+        text += f" [{_pct(low)}, {_pct(high)}]"
+    return text
+
+
 def _mean_std_pct(value, std) -> str:
     if value is None or pd.isna(value):
         return "—"
@@ -251,7 +351,7 @@ def _mean_std_pct(value, std) -> str:
 
 def markdown_summary(metrics: pd.DataFrame, embedding_runs: pd.DataFrame, dataset: str, *,
                      baselines: pd.DataFrame | None = None, stale_models=(), split_summary: pd.DataFrame | None = None,
-                     rejected: pd.DataFrame | None = None) -> str:
+                     rejected: pd.DataFrame | None = None, differences: pd.DataFrame | None = None) -> str:
     """A short markdown report for one dataset, in percent with one decimal:
 
     * models whose stored results come from another split (not compared; re-run them);
@@ -259,11 +359,19 @@ def markdown_summary(metrics: pd.DataFrame, embedding_runs: pd.DataFrame, datase
     * notes on what the numbers mean (:func:`reading_notes`) and per-group rows left out;
     * the best model per level and k-NN rule (ties listed together), beside the majority-class
       and chance baselines;
-    * the ranking per level (k-NN top-1 / mean cosine, linear probe CV and test accuracy) with
-      baseline rows; the embedding speed table.
+    * the ranking per level (k-NN top-1 / mean cosine, linear probe CV and test accuracy), each
+      value with its 95 % interval in brackets where stored, with baseline rows; the embedding
+      speed table.
+
+    ``differences`` (the dataset's current ``model_differences`` rows) adds the models statistically
+    tied with the best to the best-model table and a 'vs best' column to each level's ranking
+    (:func:`standing_against_best` on top-1 cosine: 'best', 'tied with best (p = …)', 'below best
+    (p = …)'); levels without such rows get no column and no tie is claimed.
     """
     parts = [f"## {dataset}"]
     metrics = metrics[metrics["dataset"] == dataset]
+    if differences is not None and "dataset" in differences.columns:
+        differences = differences[differences["dataset"] == dataset]
     if stale_models:
         parts.append(f"**Not compared — results of an earlier split:** {', '.join(stale_models)}. Their stored "
                      "metrics and predictions were computed on another split of this dataset, so they are left "
@@ -288,6 +396,7 @@ def markdown_summary(metrics: pd.DataFrame, embedding_runs: pd.DataFrame, datase
     if knn.empty:
         parts.append("No k-NN metrics yet.")
     else:
+        compared = differences is not None
         best = []
         for lvl, frame in knn.groupby(level="level", sort=True):
             row = base.loc[lvl] if lvl in base.index else None
@@ -295,37 +404,53 @@ def markdown_summary(metrics: pd.DataFrame, embedding_runs: pd.DataFrame, datase
                 scores = frame[rule].droplevel(["dataset", "level"]).dropna()
                 if not scores.empty:
                     winners = sorted(scores.index[scores == scores.max()])
-                    best.append([lvl, rule_title(rule), ", ".join(winners), _pct(scores.max()),
-                                 _pct(row["majority"]) if row is not None else "—",
-                                 _pct(row["chance"]) if row is not None else "—"])
-        parts += ["### Best model per level and rule (whole dataset)",
-                  _md_table(["level", "rule", "best model", "accuracy", "majority class", "chance"], best)]
-        ranking = rank_models(metrics)
+                    cells = [lvl, rule_title(rule), ", ".join(winners), _pct(scores.max()),
+                             _pct(row["majority"]) if row is not None else "—",
+                             _pct(row["chance"]) if row is not None else "—"]
+                    if compared:
+                        cells.append(_tied_cell(standing_against_best(differences, level=lvl, metric=rule), winners))
+                    best.append(cells)
+        header = ["level", "rule", "best model", "accuracy", "majority class", "chance"]
+        header += [f"{TIED} (Holm p ≥ {TIED_P_HOLM:g})"] if compared else []
+        parts += ["### Best model per level and rule (whole dataset)", _md_table(header, best)]
+        ranking = rank_models(metrics, differences=differences)
         has_probe = "probe_cv_accuracy" in ranking.columns
         for lvl, frame in ranking.groupby("level", sort=True):
-            header = ["rank", "model", "top-1 cosine", "mean cosine"]
+            with_standing = bool(frame["vs_best"].notna().any())
+            header = ["rank", "model"] + ([STANDING_HEADING] if with_standing else []) + ["top-1 cosine", "mean cosine"]
             header += ["linear probe, CV (mean ± std)", "linear probe, test"] if has_probe else []
             body = []
             for _, r in frame.iterrows():
-                top1 = _pct(r[TOP1_COSINE])
-                if pd.notna(r.get("top1_cosine_ci_low", np.nan)):
-                    top1 += f" [{_pct(r['top1_cosine_ci_low'])}, {_pct(r['top1_cosine_ci_high'])}]"
-                cells = [("—" if pd.isna(r["rank"]) else int(r["rank"])), r["model"], top1, _pct(r[MEAN_COSINE])]
+                cells = [("—" if pd.isna(r["rank"]) else int(r["rank"])), r["model"]]
+                if with_standing:
+                    cells.append(standing_text(r["vs_best"], r["p_holm_vs_best"]))
+                cells += [_pct_ci(r, TOP1_COSINE), _pct_ci(r, MEAN_COSINE)]
                 if has_probe:
-                    cells += [_mean_std_pct(r["probe_cv_accuracy"], r["probe_cv_std"]), _pct(r["probe_test_accuracy"])]
+                    cells += [_mean_std_pct(r["probe_cv_accuracy"], r["probe_cv_std"]),
+                              _pct_ci(r, "probe_test_accuracy")]
                 body.append(cells)
             if lvl in base.index:
                 row = base.loc[lvl]
                 for name, value in (("majority-class baseline", row["majority"]),
                                     ("chance (1 / classes)", row["chance"])):
-                    body.append(["—", name] + [_pct(value)] * (len(header) - 2))
+                    body.append(["—", name] + ["—"] * with_standing + [_pct(value)] * (len(header) - 2 - with_standing))
             parts += [f"### Ranking — {lvl}", _md_table(header, body)]
+            notes = []
             if lvl in base.index and int(base.loc[lvl]["n_test"]) > 0:
                 from nfhm_pipeline.evaluation.confidence import detectable_difference
 
                 n_test = int(base.loc[lvl]["n_test"])
-                parts.append(f"With {n_test:,} test images, differences under ±{detectable_difference(n_test) * 100:.1f} "
-                             f"points cannot be told apart (top-1 cosine in brackets: 95 % paired-bootstrap interval).")
+                notes.append(f"With {n_test:,} test images, differences under ±{detectable_difference(n_test) * 100:.1f} "
+                             "points cannot be told apart.")
+            if frame.filter(like="_ci_low").notna().any().any():
+                notes.append("In brackets: the 95 % paired-bootstrap interval.")
+            if with_standing:
+                notes.append(STANDING_NOTE)
+            elif compared and frame["model"].nunique() > 1:
+                notes.append("No paired comparison with the best is recorded for this level (table "
+                             "`model_differences`): no model is marked as tied.")
+            if notes:
+                parts.append(" ".join(notes))
     speed = throughput_table(embedding_runs, dataset=dataset)
     parts.append("### Embedding speed")
     if speed.empty:

@@ -22,7 +22,7 @@ from typing import Callable
 
 import pandas as pd
 
-from nfhm_pipeline.errors import StorageError
+from nfhm_pipeline.errors import EvaluationError, StorageError
 
 
 # --- what a stage is given ----------------------------------------------------------------------
@@ -194,12 +194,14 @@ class EvaluationInputs:
     split_id: str | None
     fingerprint: str | None
     manifest: pd.DataFrame
-    # image_id → leakage unit of a grouped split (what the bootstrap resamples), None: images
+    # image_id → the unit the bootstrap resamples (a grouped split's leakage unit, or the
+    # catalog's resample_by column), None: images
     units: "pd.Series | None" = None
+    unit_name: str = "image"
 
     @property
     def resample_unit(self) -> str:
-        return "split_group" if self.units is not None else "image"
+        return self.unit_name if self.units is not None else "image"
 
 
 def load_evaluation_inputs(paths: Paths, dataset, model: str) -> EvaluationInputs:
@@ -209,16 +211,38 @@ def load_evaluation_inputs(paths: Paths, dataset, model: str) -> EvaluationInput
     splits = read_split(paths, dataset.name)
     table = read_embeddings(paths, dataset.name, model)
     frame, vectors = evaluation_frame(manifest, splits, table, dataset.labels)
+    units = resample_units(dataset, splits, manifest)
     return EvaluationInputs(frame, vectors, split_id_of(splits), getattr(table, "fingerprint", None), manifest,
-                            resample_units(dataset, splits))
+                            units, resample_unit_name(dataset, units))
 
 
-def resample_units(dataset, splits: pd.DataFrame) -> "pd.Series | None":
-    """image_id → leakage unit when the split is grouped (the bootstrap then resamples units, as
-    the split kept them whole), else None (resample images)."""
-    if getattr(dataset.split, "group_by", None) and "split_group" in splits and splits["split_group"].notna().all():
-        return splits.set_index("image_id")["split_group"].astype(str)
-    return None
+def resample_unit_name(dataset, units: "pd.Series | None") -> str:
+    """What the runs table records as ``ci_unit``: "image" or the column one draw takes."""
+    if units is None:
+        return "image"
+    return getattr(dataset, "resample_by", None) or dataset.split.group_by
+
+
+def resample_units(dataset, splits: pd.DataFrame, manifest: pd.DataFrame | None = None) -> "pd.Series | None":
+    """image_id → the unit one bootstrap draw takes, or None to draw images.
+
+    Default: the leakage unit when the split is grouped (the bootstrap resamples what the split
+    kept whole). The catalog's ``resample_by`` overrides it: "image", the split's ``group_by``, or
+    the dataset's ``group`` column (an image without a value is a unit of its own)."""
+    by = getattr(dataset, "resample_by", None)
+    group_by = getattr(dataset.split, "group_by", None)
+    if by == "image":
+        return None
+    if by is None or by == group_by:
+        if group_by and "split_group" in splits and splits["split_group"].notna().all():
+            return splits.set_index("image_id")["split_group"].astype(str)
+        return None
+    if manifest is None or "group" not in manifest:
+        raise EvaluationError(f"Dataset {dataset.name!r} resamples by {by!r} (resample_by), but its manifest has no "
+                              f"such column; re-materialize {dataset.name}/image_manifest.")
+    values = manifest.set_index("image_id")["group"]
+    own = "image:" + values.index.to_series().astype(str)  # no value: the image is a unit of its own
+    return ("group:" + values.astype(str)).where(values.notna(), own)
 
 
 def with_intervals(tables, dataset, inputs: EvaluationInputs):
@@ -253,9 +277,11 @@ class Provenance:
 
 
 def store_results(paths: Paths, dataset: str, model: str, tasks, tables, provenance: Provenance,
-                  log: Log | None = None) -> pd.DataFrame:
+                  log: Log | None = None, *, auc_scores: pd.DataFrame | None = None) -> pd.DataFrame:
     """Replace this model's rows of ``tasks`` in every result table and in ``runs``, in ONE warehouse
-    transaction; every row carries ``run_id`` and ``split_id``. Returns the metrics frame."""
+    transaction; every row carries ``run_id`` and ``split_id``. Returns the metrics frame.
+    ``auc_scores`` (the AUC stages: rows with a ``task`` column, an empty frame to clear): that
+    table's rows of ``tasks`` are replaced in the same transaction; None leaves it alone."""
     from nfhm_pipeline.store import provenance as prov
     from nfhm_pipeline.store import warehouse
 
@@ -271,6 +297,9 @@ def store_results(paths: Paths, dataset: str, model: str, tasks, tables, provena
             part = frame[frame["task"] == task] if len(frame) else frame
             part = part.assign(**extra, **({"created_at": now} if name == "metrics" else {}))
             writes.append((name, part, where))
+        if auc_scores is not None:
+            part = auc_scores[auc_scores["task"] == task] if len(auc_scores) else auc_scores
+            writes.append(("auc_scores", part.assign(**extra), where))
         run = {**where, "run_id": provenance.run_id, "stage": provenance.stage,
                "embedding_fingerprint": provenance.embedding_fingerprint, "split_id": provenance.split_id,
                "split_seed": provenance.split_seed, "stage_seed": provenance.stage_seed, **environment,

@@ -1,6 +1,7 @@
 """``<dataset>/linear_probe_metrics``, per model: standardised LinearSVC (C = 100 / N) and
 logistic-regression probes on the shared split: CV accuracy and macro-F1 (mean ± std over the
-split's folds) and held-out test scores. Seeded by the dataset's ``seed``."""
+split's folds) and held-out test scores, each metrics row with its fits' ``iterations`` and
+``converged``. Seeded by the dataset's ``seed``."""
 from __future__ import annotations
 
 from nfhm_pipeline.evaluation import names
@@ -19,8 +20,10 @@ def run(dataset, model, paths: Paths, device: Device | None = None, *, run_id: s
     from nfhm_pipeline.evaluation.tables import probe_tables
 
     inputs = load_evaluation_inputs(paths, dataset, model.key)
-    tables = with_intervals(probe_tables(inputs.frame, inputs.vectors, dataset.labels, seed=stage_seed(dataset)),
-                            dataset, inputs)
+    # every fold and refit of every level in one pool of CPU workers; a progress line per finished
+    # fit once the stage has run a few seconds (a 30k-image collection takes minutes)
+    tables = with_intervals(probe_tables(inputs.frame, inputs.vectors, dataset.labels, seed=stage_seed(dataset),
+                                         log=log), dataset, inputs)
     metrics = store_results(paths, dataset.name, model.key, TASKS, tables,
                             provenance_of("linear_probe_metrics", dataset, inputs, Device("cpu"), run_id,
                                           seeded=True, intervals=True), log)

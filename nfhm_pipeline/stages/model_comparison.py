@@ -9,11 +9,13 @@ DESCRIPTION = ("Every model's results on the dataset's current split side by sid
                "earlier split are named, not compared): the seed's grouped bar charts per rule and level with "
                "majority-class and chance lines, confusion matrix of the best model, probe, zero-shot and retrieval "
                "tables, UMAP grids, embedding speed, the split's facts, a ranking summary, and one self-contained "
-               "HTML report (charts also as SVG).")
+               "HTML report (charts also as SVG). Paired tests go to table model_differences: bootstrap and McNemar "
+               "on predictions, DeLong on the per-image AUC scores.")
 
 
 def run(dataset, model=None, paths: Paths | None = None, device: Device | None = None, *,
         run_id: str | None = None, log: Log = quiet) -> StageResult:
+    from nfhm_pipeline.evaluation.auc_differences import DELONG_TEST
     from nfhm_pipeline.reports.comparison import run_comparison
 
     differences = write_model_differences(dataset, paths, log)
@@ -21,29 +23,69 @@ def run(dataset, model=None, paths: Paths | None = None, device: Device | None =
     meta = comparison_metadata(report)
     meta["model_differences"] = len(differences)
     if len(differences):
-        tied = differences[(differences["grp"] == "all") & (differences["p_holm"] >= 0.05)]
-        meta["tied with the best (grp=all, Holm p >= 0.05)"] = markdown_table(
-            tied[["task", "level", "metric", "model_a", "model_b", "difference", "ci_low", "ci_high", "p_holm"]], 30)
+        columns = ["task", "level", "metric", "model_a", "model_b", "difference", "ci_low", "ci_high", "p_holm"]
+        delong = differences["test"] == DELONG_TEST
+        tied = differences[~delong & (differences["grp"] == "all") & (differences["p_holm"] >= 0.05)]
+        meta["tied with the best (grp=all, Holm p >= 0.05)"] = markdown_table(tied[columns], 30)
+        if delong.any():
+            auc = differences[delong]
+            meta["AUC differences (DeLong)"] = len(auc)
+            meta["AUC differences with Holm p < 0.05 (DeLong)"] = markdown_table(
+                auc[(auc["p_holm"] < 0.05) & (auc["difference"] > 0)][columns], 30, floatfmt="{:.4f}")
     return StageResult(metadata=meta)
 
 
 def write_model_differences(dataset, paths: Paths, log: Log = quiet):
     """Paired comparisons of the models' current-split predictions (every model against the best,
-    bootstrap CI and p, Holm, McNemar), written to ``model_differences`` in one transaction."""
+    bootstrap CI and p, Holm, McNemar) and of their AUCs (DeLong, from ``auc_scores``), written to
+    ``model_differences`` in one transaction."""
     import datetime as dt
 
+    import pandas as pd
+
     from nfhm_pipeline.evaluation.intervals import model_differences
-    from nfhm_pipeline.stages.base import read_split, resample_units, split_id_of
+    from nfhm_pipeline.stages.base import read_manifest, read_split, resample_units, split_id_of
     from nfhm_pipeline.store import provenance, warehouse
 
     predictions = provenance.current_rows(paths.warehouse, "predictions", dataset.name)
     splits = read_split(paths, dataset.name)
     frame = model_differences(predictions, seed=int(dataset.seed), n_resamples=dataset.resamples,
-                              units=resample_units(dataset, splits))
+                              units=resample_units(dataset, splits, read_manifest(paths, dataset.name)))
+    auc = auc_differences(paths, dataset.name, split_id_of(splits))
+    if len(auc):
+        frame = pd.concat([f for f in (frame, auc) if len(f)], ignore_index=True)
     now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     frame = frame.assign(dataset=dataset.name, split_id=split_id_of(splits), created_at=now)
     warehouse.replace_many(paths.warehouse, [("model_differences", frame, {"dataset": dataset.name})], log_wait=log)
     return frame
+
+
+def auc_differences(paths: Paths, dataset: str, split_id: str | None):
+    """DeLong paired rows (``evaluation.auc_differences``) from the dataset's ``auc_scores`` of split
+    ``split_id``, read one label at a time so memory holds one label's scores of every model."""
+    import pandas as pd
+
+    from nfhm_pipeline.evaluation.auc_differences import DIFFERENCE_COLUMNS, delong_differences
+    from nfhm_pipeline.store import warehouse
+
+    empty = pd.DataFrame(columns=DIFFERENCE_COLUMNS)
+    if split_id is None or not paths.warehouse.exists():
+        return empty
+    exists = warehouse.query(paths.warehouse, "SELECT count(*) AS n FROM information_schema.tables "
+                                              "WHERE table_name = 'auc_scores'")["n"].iloc[0]
+    if not exists:  # a warehouse no AUC stage has written to since the table was declared
+        return empty
+    keys = warehouse.query(paths.warehouse, "SELECT DISTINCT level, finding FROM auc_scores WHERE dataset = ? "
+                                            "AND split_id = ? ORDER BY level, finding", [dataset, split_id])
+    parts = []
+    for level, finding in keys.itertuples(index=False):
+        scores = warehouse.query(paths.warehouse, "SELECT model, task, level, finding, image_id, target, score "
+                                                  "FROM auc_scores WHERE dataset = ? AND split_id = ? AND level = ? "
+                                                  "AND finding = ?", [dataset, split_id, level, finding])
+        part = delong_differences(scores)
+        if len(part):
+            parts.append(part)
+    return pd.concat(parts, ignore_index=True) if parts else empty
 
 
 def comparison_metadata(report) -> dict:

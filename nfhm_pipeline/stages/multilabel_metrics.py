@@ -47,7 +47,7 @@ def run(dataset, model, paths: Paths, device: Device | None = None, *, run_id: s
     result = multilabel_tables(inputs.frame, inputs.vectors, targets, seed=stage_seed(dataset), text=text)
     metrics = store_results(paths, dataset.name, model.key, TASKS, result.tables,
                             provenance_of("multilabel_metrics", dataset, inputs, Device("cpu"), run_id,
-                                          seeded=True), log)
+                                          seeded=True), log, auc_scores=result.scores_frame())
     meta = {"dagster/row_count": len(metrics), "level": targets.level, "kind": targets.kind,
             "text_tower": text is not None, "per_label AUC": markdown_table(label_table(result.per_label), 30)}
     for task, summary in result.summary.items():

@@ -1,12 +1,14 @@
 """``<dataset>/zero_shot_metrics``, per model: zero-shot top-1 / top-5 (first template vs prompt
-ensemble) and image↔text retrieval Precision@K / Recall@K from the stored text embeddings; empty
-results for a model without a text tower."""
+ensemble) and image↔text retrieval Precision@K / Recall@K from the stored text embeddings, each with its paired bootstrap
+95 % interval (image queries resampled like every other metric, text queries among themselves);
+empty results for a model without a text tower."""
 from __future__ import annotations
 
 from nfhm_pipeline.errors import StorageError
 from nfhm_pipeline.evaluation import names
 from nfhm_pipeline.stages.base import (
     Device, Log, Paths, StageResult, headline_metadata, load_evaluation_inputs, provenance_of, quiet, store_results,
+    with_intervals,
 )
 
 TASKS = (names.ZERO_SHOT, names.RETRIEVAL)
@@ -39,9 +41,10 @@ def run(dataset, model, paths: Paths, device: Device | None = None, *, run_id: s
     class_prompts = (prompts["use"] == "zero_shot").to_numpy()
     prompts, text_vectors = prompts[class_prompts].reset_index(drop=True), text_vectors[class_prompts]
     inputs = load_evaluation_inputs(paths, dataset, model.key)
-    tables = zero_shot_tables(inputs.frame, inputs.vectors, prompts.drop(columns=["use"]), text_vectors,
-                              dataset.labels)
+    tables = with_intervals(zero_shot_tables(inputs.frame, inputs.vectors, prompts.drop(columns=["use"]),
+                                             text_vectors, dataset.labels), dataset, inputs)
     metrics = store_results(paths, dataset.name, model.key, TASKS, tables,
-                            provenance_of("zero_shot_metrics", dataset, inputs, device, run_id), log)
+                            provenance_of("zero_shot_metrics", dataset, inputs, device, run_id, seeded=True,
+                                          intervals=True), log)
     headline = names.HEADLINE_METRICS[names.ZERO_SHOT]
     return StageResult(metadata=headline_metadata(metrics, tables, headline, inputs.split_id))

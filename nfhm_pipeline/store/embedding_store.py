@@ -149,12 +149,7 @@ class EmbeddingStore:
         wanted_set = set(wanted)
         existing = self.read(dataset, model)
         if existing is not None and existing.fingerprint == fingerprint and existing.image_ids.tolist() == wanted:
-            # Nothing new, nothing gone (the nightly re-embed): the stored table is the answer as it
-            # is; no copy, no rewrite (no re-upload on object storage).
-            self._drop_checkpoints(dataset, model)
-            return EmbedReport(total=len(wanted), new=0, reused=len(wanted), removed=0, resumed=0,
-                               seconds=time.perf_counter() - start, embed_seconds=0.0, fingerprint=fingerprint,
-                               dim=existing.dim, path=self.table_path(dataset, model), table=existing)
+            return self._unchanged_report(dataset, model, existing, start)
         known: dict[str, np.ndarray] = {}
         removed = 0
         if existing is not None:
@@ -217,6 +212,51 @@ class EmbeddingStore:
             fingerprint=fingerprint, dim=final.dim, path=path, table=final,
         )
 
+    def unchanged(self, dataset: str, model: str, image_ids: Sequence[str], fingerprint: str) -> EmbedReport | None:
+        """The report of a run with nothing to do (new=0), when the stored table holds exactly
+        ``image_ids`` (in order, duplicates dropped) under ``fingerprint``; else None. Needs no
+        embedder: with the fingerprint known beforehand (``FingerprintMemo``) no model is loaded."""
+        start = time.perf_counter()
+        existing = self.read(dataset, model)
+        if existing is None or existing.fingerprint != fingerprint \
+                or existing.image_ids.tolist() != list(dict.fromkeys(image_ids)):
+            return None
+        return self._unchanged_report(dataset, model, existing, start)
+
+    def _unchanged_report(self, dataset: str, model: str, existing: EmbeddingTable, start: float) -> EmbedReport:
+        # Nothing new, nothing gone (the nightly re-embed): the stored table is the answer as it
+        # is; no copy, no rewrite (no re-upload on object storage).
+        self._drop_checkpoints(dataset, model)
+        return EmbedReport(total=len(existing), new=0, reused=len(existing), removed=0, resumed=0,
+                           seconds=time.perf_counter() - start, embed_seconds=0.0,
+                           fingerprint=existing.fingerprint, dim=existing.dim,
+                           path=self.table_path(dataset, model), table=existing)
+
+    def pending(self, dataset: str, model: str, image_ids: Sequence[str], fingerprint: str) -> int:
+        """How many of ``image_ids`` :meth:`embed_incrementally` would embed for ``fingerprint``
+        (neither in the stored table under that fingerprint nor in its checkpoints). Reads only
+        the image_id columns: cheap enough to size a progress bar before the run."""
+        wanted = set(image_ids)
+        known: set[str] = set()
+        path = self.table_path(dataset, model)
+        if self.read_fingerprint(dataset, model) == fingerprint:
+            known |= wanted.intersection(_read_ids(self.fs, path))
+        for part in self._checkpoint_parts(self._checkpoint_dir(dataset, model, fingerprint)):
+            known |= wanted.intersection(_read_ids(self.fs, part))
+        return len(wanted) - len(known)
+
+    def file_fingerprint(self, path: str) -> str | None:
+        """The model fingerprint in the metadata of a lake file at ``path`` (image or text
+        embeddings), or None when there is no such file."""
+        if self.fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        try:
+            with self.fs.open_input_file(path) as f:
+                meta = pq.read_schema(f).metadata or {}
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise StorageError(f"embedding file {path} is unreadable ({exc}); delete it and re-run") from None
+        return meta.get(EMBEDDING_FINGERPRINT_KEY, b"").decode() or None
+
     def _checkpoint_parts(self, ckpt_dir: str) -> list[str]:
         info = self.fs.get_file_info(pafs.FileSelector(ckpt_dir, allow_not_found=True))
         return sorted(i.path for i in info if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
@@ -225,6 +265,14 @@ class EmbeddingStore:
         ckpt_root = f"{self.folder(dataset, model)}/_checkpoints"
         if self.fs.get_file_info(ckpt_root).type == pafs.FileType.Directory:
             self.fs.delete_dir(ckpt_root)
+
+
+def _read_ids(fs: pafs.FileSystem, path: str) -> list[str]:
+    try:
+        with fs.open_input_file(path) as f:
+            return pq.read_table(f, columns=["image_id"]).column("image_id").to_pylist()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise StorageError(f"embedding file {path} is unreadable ({exc}); delete it and re-run") from None
 
 
 def _read_parquet(fs: pafs.FileSystem, path: str) -> EmbeddingTable:
@@ -256,3 +304,48 @@ def _write_parquet(fs: pafs.FileSystem, path: str, table: EmbeddingTable, model:
         schema=schema,
     )
     write_parquet_table(arrow, path, fs, hint=_LAKE_HINT)
+
+
+# -- what loading a model gave, kept by its load key ----------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a load of a model told: its fingerprint, output width, and whether it has a text tower."""
+
+    fingerprint: str
+    dim: int
+    has_text_tower: bool
+
+
+class FingerprintMemo:
+    """``embedders.loaders.load_key`` → :class:`ModelFacts`, one small JSON file per key under
+    ``root`` (a local folder: keys name local files and their mtimes), written atomically.
+
+    A key names every input of the fingerprint, so an entry never goes stale; a run whose key is
+    here knows the fingerprint without loading the model. An unreadable entry reads as absent
+    (the model is then loaded and the entry rewritten)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = os.fspath(root)
+
+    def path(self, key: str) -> str:
+        return os.path.join(self.root, key[:2], f"{key}.json")
+
+    def get(self, key: str) -> ModelFacts | None:
+        import json
+
+        try:
+            with open(self.path(key), encoding="utf-8") as f:
+                data = json.load(f)
+            return ModelFacts(fingerprint=str(data["fingerprint"]), dim=int(data["dim"]),
+                              has_text_tower=bool(data["has_text_tower"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def put(self, key: str, facts: ModelFacts) -> None:
+        import json
+        from dataclasses import asdict
+
+        from nfhm_pipeline.store.files import write_text
+
+        write_text(self.path(key), json.dumps(asdict(facts), sort_keys=True))

@@ -13,6 +13,7 @@ from nfhm_pipeline.errors import StorageError
 
 # DuckDB types the tables use
 VARCHAR, INTEGER, BIGINT, DOUBLE, TIMESTAMP = "VARCHAR", "INTEGER", "BIGINT", "DOUBLE", "TIMESTAMP"
+BOOLEAN = "BOOLEAN"
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,9 @@ WAREHOUSE_TABLES: dict[str, tuple[Column, ...]] = {
         _key("metric"), Column("value", DOUBLE), Column("std", DOUBLE), Column("n", BIGINT),
         Column("run_id", VARCHAR), Column("created_at", TIMESTAMP), Column("split_id", VARCHAR),
         # 95 % interval of value and how it was made (bootstrap-paired, wilson, cv-std, ...); NULL: none
-        Column("ci_low", DOUBLE), Column("ci_high", DOUBLE), Column("ci_method", VARCHAR)),
+        Column("ci_low", DOUBLE), Column("ci_high", DOUBLE), Column("ci_method", VARCHAR),
+        # probe rows: solver iterations (CV rows: the slowest fold) and whether every fit converged; NULL otherwise
+        Column("iterations", INTEGER), Column("converged", BOOLEAN)),
     "per_class_metrics": (
         _key("dataset"), _key("model"), _key("task"), Column("level", VARCHAR), Column("grp", VARCHAR),
         Column("rule", VARCHAR), Column("class", VARCHAR), Column("support", BIGINT),
@@ -70,7 +73,12 @@ WAREHOUSE_TABLES: dict[str, tuple[Column, ...]] = {
         Column("new", BIGINT), Column("reused", BIGINT), Column("removed", BIGINT), Column("resumed", BIGINT),
         Column("seconds", DOUBLE), Column("images_per_s", DOUBLE), Column("device", VARCHAR),
         Column("precision", VARCHAR), Column("batch_size", INTEGER), Column("run_id", VARCHAR),
-        Column("finished_at", TIMESTAMP)),
+        Column("finished_at", TIMESTAMP),
+        # where the embedding time went: decoding images (read, decode, resize) vs the model's forward
+        # passes, so a user sees which limits them; 0 when nothing was embedded
+        Column("decode_s", DOUBLE), Column("forward_s", DOUBLE),
+        # the forward loop waiting for decoded batches: near 0 when decoding keeps up with the model
+        Column("wait_s", DOUBLE)),
     # One row per dataset: the facts of its current split (warnings: sentences joined by newlines).
     "split_summary": (
         _key("dataset"), Column("split_id", VARCHAR), Column("mode", VARCHAR), Column("seed", INTEGER),
@@ -108,6 +116,13 @@ WAREHOUSE_TABLES: dict[str, tuple[Column, ...]] = {
         Column("ci_high", DOUBLE), Column("p_value", DOUBLE), Column("p_holm", DOUBLE), Column("test", VARCHAR),
         Column("p_mcnemar", DOUBLE), Column("n", BIGINT), Column("split_id", VARCHAR),
         Column("created_at", TIMESTAMP)),
+    # Every (test image, label) entry an AUC counted (multilabel_probe, multilabel_zero_shot,
+    # alignment_head): target 0/1 and the score it was ranked by (probe P(positive), zero-shot cosine
+    # margin, head cosine), so model_comparison can pair models on the same images (DeLong).
+    "auc_scores": (
+        _key("dataset"), _key("model"), _key("task"), Column("level", VARCHAR), _key("finding"),
+        _key("image_id"), Column("target", INTEGER), Column("score", DOUBLE), Column("run_id", VARCHAR),
+        Column("split_id", VARCHAR)),
 }
 
 
