@@ -89,6 +89,31 @@ def write_leaves_catalog(path: Path, csv: Path, models: dict[str, str], *, leave
     return path
 
 
+
+def write_chexpert_collection(root: Path, findings: list[str], n_images: int, *, seed: int,
+                              p: tuple[float, float, float, float]) -> Path:
+    """16x16 PNGs under ``root`` and a CheXpert-style ``labels.csv`` (Path, Sex, one column per
+    finding: '1.0', '0.0', '-1.0' or '' drawn with probabilities ``p``). The red / green / blue
+    channels rise with the first findings and the brightness with the last one (full for 1.0,
+    half for -1.0), so a model can learn every finding. Returns the CSV's path."""
+    import csv
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    states = rng.choice(["1.0", "0.0", "-1.0", ""], p=list(p), size=(n_images, len(findings)))
+    channels = len(findings) - 1
+    with open(root / "labels.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["Path", "Sex", *findings])
+        for i, row in enumerate(states):
+            pixels = rng.normal(100, 20, size=(16, 16, 3))
+            level = np.array([{"1.0": 70.0, "-1.0": 35.0}.get(v, 0.0) for v in row])
+            pixels[..., :channels] += level[:channels]
+            pixels += level[channels]
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / f"img_{i:03d}.png")
+            writer.writerow([f"img_{i:03d}.png", "F" if i % 2 else "M", *row])
+    return root / "labels.csv"
+
 # -- processes and Dagster runs ----------------------------------------------------------------------
 
 def subprocess_env(**extra) -> dict:

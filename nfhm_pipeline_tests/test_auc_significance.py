@@ -4,7 +4,6 @@ green / red only beyond 0.5 points AND significant, grey otherwise.
 
 The reference below writes DeLong's structural components out pair by pair (O(n^2)), ties
 counting one half, and takes the normal p-value with math.erfc."""
-import csv
 import math
 from pathlib import Path
 
@@ -12,9 +11,9 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
 from conftest import local_resources
+from helpers import write_chexpert_collection
 from nfhm_pipeline.evaluation.auc_differences import delong_differences, score_rows
 from nfhm_pipeline.evaluation.confidence import delong_paired_test
 from nfhm_pipeline.evaluation.multilabel import roc_auc_per_label
@@ -204,21 +203,7 @@ N_IMAGES = 64
 
 
 def write_collection(root: Path, seed: int = 11) -> Path:
-    """16x16 PNGs whose red / green / brightness rise with the three findings, and labels.csv."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True)
-    states = rng.choice(["1.0", "0.0", "-1.0", ""], p=[0.35, 0.35, 0.15, 0.15], size=(N_IMAGES, len(FINDINGS)))
-    with open(root / "labels.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["Path", "Sex", *FINDINGS])
-        for i, row in enumerate(states):
-            pixels = rng.normal(100, 20, size=(16, 16, 3))
-            level = np.array([{"1.0": 70.0, "-1.0": 35.0}.get(v, 0.0) for v in row])
-            pixels[..., :2] += level[:2]
-            pixels += level[2]
-            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / f"img_{i:03d}.png")
-            writer.writerow([f"img_{i:03d}.png", "F" if i % 2 else "M", *row])
-    return root / "labels.csv"
+    return write_chexpert_collection(root, FINDINGS, N_IMAGES, seed=seed, p=(0.35, 0.35, 0.15, 0.15))
 
 
 def write_catalog(path: Path, csv_path: Path) -> Path:

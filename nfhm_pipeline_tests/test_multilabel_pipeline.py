@@ -13,9 +13,9 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
 from conftest import local_resources
+from helpers import write_chexpert_collection
 from nfhm_pipeline.catalog import load_catalog
 from nfhm_pipeline.definitions import build_definitions
 from nfhm_pipeline.errors import EvaluationError
@@ -38,22 +38,7 @@ TINY_CLIP = """
 
 
 def write_collection(root: Path, seed: int = 7) -> Path:
-    """PNG 16x16 images whose red/green/blue/brightness rise with findings 0..3 (full for 1.0, half
-    for -1.0), and labels.csv with Path + one column per finding ('1.0', '0.0', '-1.0', '')."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True)
-    states = rng.choice(["1.0", "0.0", "-1.0", ""], p=[0.3, 0.3, 0.2, 0.2], size=(N_IMAGES, len(FINDINGS)))
-    with open(root / "labels.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["Path", "Sex", *FINDINGS])
-        for i, row in enumerate(states):
-            pixels = rng.normal(100, 20, size=(16, 16, 3))
-            level = np.array([{"1.0": 70.0, "-1.0": 35.0}.get(v, 0.0) for v in row])
-            pixels[..., :3] += level[:3]
-            pixels += level[3]
-            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / f"img_{i:03d}.png")
-            writer.writerow([f"img_{i:03d}.png", "F" if i % 2 else "M", *row])
-    return root / "labels.csv"
+    return write_chexpert_collection(root, FINDINGS, N_IMAGES, seed=seed, p=(0.3, 0.3, 0.2, 0.2))
 
 
 def write_catalog(path: Path, csv_path: Path) -> Path:
