@@ -2,6 +2,7 @@
 when a write fails (an exception, Ctrl-C, a full disk), the previous file stays intact until the
 new one is complete, an OS error is a StorageError naming the file, and files get ordinary modes."""
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -111,6 +112,12 @@ def test_skip_if_identical_touches_nothing(tmp_path):
 
 # -- file modes ----------------------------------------------------------------------------------
 
+def lake_files_written(store):
+    """The part and the index a one-image table write leaves in the lake."""
+    store.write("d", "m", EmbeddingTable(np.array(["i"], dtype=object), np.ones((1, 2), np.float32), "fp"))
+    return [*store.part_paths("d", "m"), store.index_path("d", "m")]
+
+
 def test_every_writer_gives_files_the_mode_open_would_give(tmp_path, umask022):
     written = [
         files.write_bytes(tmp_path / "a.bin", b"x"),
@@ -118,8 +125,7 @@ def test_every_writer_gives_files_the_mode_open_would_give(tmp_path, umask022):
         files.write_parquet(pd.DataFrame({"a": [1]}), tmp_path / "a.parquet"),
         save_png(new_figure(2, 2), tmp_path / "a.png", svg=True),
         tmp_path / "a.svg",
-        Path(EmbeddingStore(tmp_path / "lake").write("d", "m", EmbeddingTable(np.array(["i"], dtype=object),
-                                                                               np.ones((1, 2), np.float32), "fp"))),
+        *map(Path, lake_files_written(EmbeddingStore(tmp_path / "lake"))),
         Path(write_text_embeddings(EmbeddingStore(tmp_path / "lake"), "d", "m", None, None, "fp")),
     ]
     assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written} == {p.name: "0o644" for p in written}
@@ -173,7 +179,7 @@ def test_lake_and_text_store_under_a_regular_file_are_storage_errors_naming_the_
     blocker = tmp_path / "afile"
     blocker.write_text("x")
     store = EmbeddingStore(blocker / "lake")
-    with pytest.raises(StorageError, match=f"cannot write {store.table_path('d', 'm')}"):
+    with pytest.raises(StorageError, match=f"cannot write {re.escape(store.folder('d', 'm'))}/_staging/part-all-"):
         store.write("d", "m", EmbeddingTable(np.array(["a"], dtype=object), np.ones((1, 2), np.float32), "fp"))
     with pytest.raises(StorageError, match=f"cannot write {text_path(store, 'd', 'm')}"):
         write_text_embeddings(store, "d", "m", None, None, "fp")
@@ -246,7 +252,9 @@ def test_a_full_disk_is_a_storage_error_for_every_writer_and_keeps_every_old_fil
     lines = dict(line.split(" ", 1) for line in done.stdout.splitlines())
     assert set(lines) == set(old), done.stdout
     for name, path in old.items():
-        assert lines[name].startswith(f"cannot write {path}: "), (name, lines[name])
+        # the lake's old table is named by its index (kept); the write fails on a new part beside it
+        target = f"{store.folder('d', 'm')}/_staging/part-all-" if name == "lake" else f"{path}: "
+        assert lines[name].startswith(f"cannot write {target}"), (name, lines[name])
         assert "free space" in lines[name]
         assert path.read_bytes() == before[name], name
     assert leftovers(tmp_path) == []

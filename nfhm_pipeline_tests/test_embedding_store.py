@@ -32,7 +32,8 @@ def test_first_run_embeds_everything_and_writes_fixed_size_list(tmp_path):
     store = EmbeddingStore(tmp_path)
     report = run(store, IDS)
     assert (report.total, report.new, report.reused, report.removed) == (10, 10, 0, 0)
-    table = pq.read_table(store.table_path("ds", "m"))
+    [part] = store.part_paths("ds", "m")  # ten images: one part
+    table = pq.read_table(part)
     assert table.schema.field("embedding").type == pa.list_(pa.float32(), 4)
     assert table.schema.metadata[b"nfhm.fingerprint"] == b"fp1"
     stored = store.read("ds", "m")
@@ -83,7 +84,7 @@ def test_failed_run_keeps_previous_table_and_rerun_resumes_finished_chunks(tmp_p
     assert report.new == 6
     assert sorted(p for b in calls2 for p in b) == list(range(4, 10))
     assert list(store.read("ds", "m").image_ids) == IDS
-    assert not (tmp_path / "embeddings" / "dataset=ds" / "model=m" / "_checkpoints").exists()
+    assert not (tmp_path / "embeddings" / "dataset=ds" / "model=m" / "_staging").exists()
 
 
 def test_no_temporary_files_are_left_behind(tmp_path):
@@ -98,7 +99,7 @@ def test_unreadable_table_gives_a_clear_error(tmp_path):
 
     store = EmbeddingStore(tmp_path)
     run(store, IDS)
-    with open(store.table_path("ds", "m"), "wb") as f:
+    with open(store.part_paths("ds", "m")[0], "wb") as f:
         f.write(b"not parquet")
     with pytest.raises(StorageError, match="delete it and re-run"):
         store.read("ds", "m")

@@ -94,19 +94,19 @@ def test_sigkill_during_embedding_then_rerun_keeps_every_image_exactly_once(tmp_
     catalog = write_catalog(tmp_path, {"raw-pixels": RAW8}, specimens=True)
     data = tmp_path / "data"
     defs = build_definitions(load_catalog(catalog), local_resources(data))
-    ckpt = data / "lake" / "embeddings" / "dataset=specimens" / "model=raw-pixels" / "_checkpoints"
+    ckpt = data / "lake" / "embeddings" / "dataset=specimens" / "model=raw-pixels" / "_staging"
     with dg.instance_for_test() as instance:
         materialize(defs, instance, "specimens", ["image_manifest"])
         proc = subprocess.Popen([sys.executable, "-c", EMBED_SLOWLY, str(catalog), str(data)],
                                 env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 120
-        while not list(ckpt.rglob("part-*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
+        while not list(ckpt.rglob("ckpt-*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == -signal.SIGKILL, (out, err[-2000:])
         assert b"finished" not in out
-        parts_left = len(list(ckpt.rglob("part-*.parquet")))
+        parts_left = len(list(ckpt.rglob("ckpt-*.parquet")))
         assert parts_left >= 1 and not EmbeddingStore(data / "lake").exists("specimens", "raw-pixels")
 
         result = materialize(defs, instance, "specimens", ["image_embeddings"], "raw-pixels")
@@ -124,7 +124,7 @@ def test_sigkill_during_embedding_then_rerun_keeps_every_image_exactly_once(tmp_
         materialize(clean_defs, instance, "specimens", ["image_manifest"])
         materialize(clean_defs, instance, "specimens", ["image_embeddings"], "raw-pixels")
     np.testing.assert_array_equal(table.vectors, EmbeddingStore(clean / "lake").read("specimens", "raw-pixels").vectors)
-    assert not [p for p in lake_files(data) if p.name.endswith(".tmp") or "_checkpoints" in p.parts]
+    assert not [p for p in lake_files(data) if p.name.endswith(".tmp") or "_staging" in p.parts]
 
 
 # Replaces one dataset's 500 metric rows over and over; prints each value once committed.

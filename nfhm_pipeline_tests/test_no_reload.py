@@ -80,7 +80,8 @@ class Pipeline:
 
     @property
     def table(self) -> Path:
-        return self.data / "lake" / "embeddings" / "dataset=leaves" / "model=tiny" / "embeddings.parquet"
+        [part] = (self.data / "lake" / "embeddings" / "dataset=leaves" / "model=tiny").glob("part-*.parquet")
+        return part  # a small collection: one part
 
     @property
     def text_table(self) -> Path:

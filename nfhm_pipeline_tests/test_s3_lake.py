@@ -125,14 +125,16 @@ def test_storage_root_uri_carries_the_endpoint_settings(s3_endpoint):
     store = EmbeddingStore(lake_uri(s3_endpoint, "probe"))
     assert isinstance(store.fs, pafs.S3FileSystem)
     assert store.base == f"{BUCKET}/probe"
-    assert store.uri("d", "m") == f"s3://{BUCKET}/probe/embeddings/dataset=d/model=m/embeddings.parquet"
+    assert store.uri("d", "m") == f"s3://{BUCKET}/probe/embeddings/dataset=d/model=m"
 
 
 def test_pipeline_writes_the_lake_as_parquet_objects_in_the_bucket(s3_demo, s3_endpoint):
     tmp_path, _, _ = s3_demo
     keys = [k for k in keys_under(s3_endpoint, "demo/lake/") if not k.endswith("/")]  # skip folder markers
-    assert keys == ["demo/lake/embeddings/dataset=demo_shapes/model=raw-pixels/embeddings.parquet",
-                    "demo/lake/text_embeddings/dataset=demo_shapes/model=raw-pixels/text_embeddings.parquet"]
+    folder = "demo/lake/embeddings/dataset=demo_shapes/model=raw-pixels"
+    assert len(keys) == 3 and keys[0] == f"{folder}/_index.json"  # 54 images: one part and its index
+    assert keys[1].startswith(f"{folder}/part-all-") and keys[1].endswith(".parquet")
+    assert keys[2] == "demo/lake/text_embeddings/dataset=demo_shapes/model=raw-pixels/text_embeddings.parquet"
     assert not (tmp_path / "data" / "lake").exists()  # nothing of the lake landed on local disk
 
 
@@ -171,7 +173,8 @@ def test_unchanged_rerun_does_not_upload_the_table_again(s3_endpoint, tmp_path):
 
     store = EmbeddingStore(root)
     store.embed_incrementally("d", "m", ids, "fp", embed)
-    client, key = s3_endpoint["client"], "no-reupload/lake/embeddings/dataset=d/model=m/embeddings.parquet"
+    [part] = store.part_paths("d", "m")
+    client, key = s3_endpoint["client"], part.split("/", 1)[1]  # the key without the bucket
     # A tag lives on one stored object: any new PUT of the key replaces the object and drops it.
     client.put_object_tagging(Bucket=BUCKET, Key=key, Tagging={"TagSet": [{"Key": "probe", "Value": "1"}]})
 
@@ -181,8 +184,9 @@ def test_unchanged_rerun_does_not_upload_the_table_again(s3_endpoint, tmp_path):
     report = store.embed_incrementally("d", "m", ids, "fp", embed)
     assert (report.new, report.reused) == (0, 10)
     assert tags() == [{"Key": "probe", "Value": "1"}]
-    store.write("d", "m", store.read("d", "m"))  # the probe notices a rewrite
-    assert tags() == []
+    store.write("d", "m", store.read("d", "m"))  # the probe notices a rewrite: a new part, the old deleted
+    assert store.part_paths("d", "m") != [part]
+    assert key not in keys_under(s3_endpoint, "no-reupload/lake/")
 
 
 def test_interrupted_run_on_s3_resumes_from_its_checkpoint_parts(s3_endpoint):
@@ -199,7 +203,7 @@ def test_interrupted_run_on_s3_resumes_from_its_checkpoint_parts(s3_endpoint):
     store = EmbeddingStore(root)
     with pytest.raises(RuntimeError):
         store.embed_incrementally("d", "m", ids, "fp", dies_on_third_chunk, chunk_size=4)
-    parts = [k for k in keys_under(s3_endpoint, "resume/lake/") if "/_checkpoints/" in k and k.endswith(".parquet")]
+    parts = [k for k in keys_under(s3_endpoint, "resume/lake/") if "/_staging/" in k and k.endswith(".parquet")]
     assert len(parts) == 2 and not store.exists("d", "m")
 
     def embed(positions):
@@ -209,7 +213,7 @@ def test_interrupted_run_on_s3_resumes_from_its_checkpoint_parts(s3_endpoint):
     assert (report.resumed, report.new, report.total) == (8, 4, 12)
     table = store.read("d", "m")
     assert list(table.image_ids) == ids and table.vectors[:, 0].tolist() == [float(i) for i in range(12)]
-    assert not [k for k in keys_under(s3_endpoint, "resume/lake/") if "/_checkpoints/" in k and k.endswith(".parquet")]
+    assert not [k for k in keys_under(s3_endpoint, "resume/lake/") if "/_staging/" in k and k.endswith(".parquet")]
 
 
 def test_sql_on_the_embeddings_view_reads_the_bucket(s3_demo):

@@ -161,7 +161,11 @@ def read_manifest(paths: Paths, dataset: str) -> pd.DataFrame:
 
 
 def read_embeddings(paths: Paths, dataset: str, model: str):
-    table = paths.lake.read(dataset, model)
+    """The stored table of (dataset, model), rows in manifest order (the lake keeps them by shard)."""
+    manifest = paths.manifest(dataset)
+    order = pd.read_parquet(manifest, columns=["image_id"])["image_id"].astype(str).tolist() \
+        if manifest.exists() else None
+    table = paths.lake.read(dataset, model, order=order)
     if table is None:
         raise StorageError(f"no embeddings for {dataset}/{model}: materialize {dataset}/image_embeddings "
                            f"for partition {model!r} first")

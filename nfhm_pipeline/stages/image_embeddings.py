@@ -128,7 +128,7 @@ def run(dataset, model, paths: Paths, device: Device, *, run_id: str | None = No
             if meter is not None:
                 meter.close()
         declared_dim = int(embedder.dim)
-    stored = report.table  # the table as written: the checks need no second read of the lake
+    # The checks read what the store gathered while writing the parts: no second read of the lake.
     runs = pd.DataFrame([{
         "dataset": dataset.name, "model": model.key, "fingerprint": report.fingerprint, "images": report.total,
         "new": report.new, "reused": report.reused, "removed": report.removed, "resumed": report.resumed,
@@ -140,13 +140,14 @@ def run(dataset, model, paths: Paths, device: Device, *, run_id: str | None = No
     }])
     # One transaction: the run's row and the view that shows its table appear together.
     warehouse.replace_many(paths.warehouse, [("embedding_runs", runs, {})], lake_root=paths.lake_root, log_wait=log)
-    identity = embedding_identity(image_ids, stored.image_ids.tolist())
-    finite = bool(np.isfinite(stored.vectors).all())
+    identity = embedding_identity(image_ids, report.ids)
+    finite = bool(report.all_finite)
     return StageResult(
         metadata={
             "dagster/row_count": report.total, "path": Location(lake.uri(dataset.name, model.key)),
             "dim": report.dim, "fingerprint": report.fingerprint[:16], "new": report.new,
             "reused": report.reused, "removed": report.removed, "resumed": report.resumed,
+            "parts_written": report.parts_written, "parts_kept": report.parts_kept,
             "images_per_s": float(np.nan_to_num(report.images_per_s)), "seconds": report.seconds,
             "decode_s": float(timings.decode_s), "forward_s": float(timings.forward_s),
             "wait_s": float(timings.wait_s), "model_loaded": loaded,
@@ -155,7 +156,7 @@ def run(dataset, model, paths: Paths, device: Device, *, run_id: str | None = No
         checks=[
             CheckOutcome("every_image_embedded", identity.pop("passed"), identity),
             CheckOutcome("vectors_finite", finite),
-            CheckOutcome("dimension_as_declared", stored.dim == declared_dim,
-                         {"stored": stored.dim, "declared": declared_dim}),
+            CheckOutcome("dimension_as_declared", report.dim == declared_dim,
+                         {"stored": report.dim, "declared": declared_dim}),
         ],
     )

@@ -1,24 +1,48 @@
-"""The embedding lake: one Parquet file per (dataset, model), written atomically.
+"""The embedding lake: per (dataset, model) a set of Parquet part files and an index of the current ones.
 
 Layout under ``root`` (a local path or a URI such as ``s3://bucket/prefix``)::
 
-    embeddings/dataset=<d>/model=<m>/embeddings.parquet
-    embeddings/dataset=<d>/model=<m>/_checkpoints/<fingerprint>/part-<n>.parquet
+    embeddings/dataset=<d>/model=<m>/_index.json
+    embeddings/dataset=<d>/model=<m>/part-<shard>-<uuid>.parquet      (the current parts)
+    embeddings/dataset=<d>/model=<m>/_staging/part-….parquet          (a run's new parts, local lakes)
 
-``embeddings.parquet`` is the last complete table: ``image_id`` (sha256 of the image
-bytes), ``embedding`` (``FixedSizeList<float32>[dim]``, raw model output), and the
-model fingerprint in the file metadata. While a run embeds, each finished chunk is
-written as a checkpoint part; a run that dies keeps the previous complete table
-readable, and the next run with the same fingerprint reuses the parts instead of
-redoing them.
+A part holds the images whose ``image_id`` (the sha256 of the bytes, hex) starts with its shard
+prefix of ``shard_digits`` hex digits (``all`` when the table is one part), in manifest order:
+columns ``image_id`` and ``embedding`` (``FixedSizeList<float32>[dim]``, raw model output), the
+model fingerprint in the file metadata. The shard width is chosen from the collection's size so a
+part holds at most ~:data:`PART_ROWS` images (10k images: 16 parts; 1M: 256; 10M: 4,096) and is
+kept while the collection stays within 16× of that size.
+
+``_index.json`` names the current parts, the fingerprint, the dimension, and per part its shard,
+row count and a digest of its image ids. It is the commit point of a run: written atomically
+after every new part, and only then are the superseded parts deleted. So:
+
+* a reader never sees a half-written table: it reads the parts the index names;
+* a no-change rerun reads only the index (the digests say every shard holds the manifest's ids);
+* adding or removing images rewrites only the parts they fall in; the others are kept as they are
+  (on object storage: not uploaded again);
+* no step holds more than one part's vectors plus one embedding chunk in memory to write;
+* a run that dies keeps the previous index readable; its finished parts (``_staging/`` locally,
+  unindexed parts on object storage) carry the fingerprint and are picked up by the next run; a
+  shard larger than one embedding chunk is checkpointed per chunk (``_staging/ckpt-….parquet``).
+
+A local lake stages new parts in ``_staging/`` and renames them into place just before the index
+is written, so DuckDB's ``embeddings`` view (a glob over ``part-*.parquet``) shows a stale or a new
+table, never a mix for longer than that rename. A table of the earlier layout (one
+``embeddings.parquet`` per folder) is read as it is and migrated to parts by the next embedding run
+(:meth:`EmbeddingStore.migrate`), without re-embedding.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
+import re
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -26,11 +50,19 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from nfhm_pipeline.errors import StorageError
-from nfhm_pipeline.store.files import write_parquet_table
+from nfhm_pipeline.store.files import write_parquet_table, write_text
 from nfhm_pipeline.store.remote import redact
 from nfhm_pipeline.store.schemas import EMBEDDING_FINGERPRINT_KEY, embedding_schema
 
 _LAKE_HINT = "check that the data folder (or storage root) is writable and has free space"
+INDEX_NAME = "_index.json"
+INDEX_FORMAT = "nfhm-embedding-parts-1"
+LEGACY_TABLE = "embeddings.parquet"  # the single-file layout before parts
+STAGING = "_staging"
+PART_ROWS = 4096  # target images per part: 12 MB at 768 dims
+_PART_NAME = re.compile(r"^part-(?P<shard>all|[0-9a-f]+)-[0-9a-f]{32}\.parquet$")
+_CHECKPOINT_NAME = re.compile(r"^ckpt-[0-9a-f]{32}\.parquet$")  # a chunk of a shard still being embedded
+_HEX = frozenset("0123456789abcdef")
 
 
 @dataclass
@@ -49,8 +81,12 @@ class EmbeddingTable:
 
 @dataclass
 class EmbedReport:
-    """What one incremental run did; counts are images. ``table`` is the table the run left in
-    the lake, as :meth:`EmbeddingStore.read` would return it right after (no re-read needed)."""
+    """What one incremental run did; counts are images, ``parts_*`` are part files.
+
+    ``ids``: the stored image ids in manifest order (duplicates dropped), ``all_finite``: whether
+    every stored vector is finite; both are gathered while the parts are written, so the asset's
+    checks need no second read of the lake. ``table`` reads the stored table (in manifest order)
+    when a caller wants the vectors themselves."""
 
     total: int
     new: int
@@ -62,11 +98,20 @@ class EmbedReport:
     fingerprint: str
     dim: int
     path: str
-    table: EmbeddingTable | None = None
+    ids: list = field(default_factory=list)
+    all_finite: bool = True
+    parts_written: int = 0
+    parts_kept: int = 0
+    parts_removed: int = 0
+    read_table: Callable[[], EmbeddingTable | None] | None = field(default=None, repr=False)
 
     @property
     def images_per_s(self) -> float:
         return self.new / self.embed_seconds if self.embed_seconds > 0 else float("nan")
+
+    @property
+    def table(self) -> EmbeddingTable | None:
+        return self.read_table() if self.read_table is not None else None
 
 
 def _filesystem(root: str) -> tuple[pafs.FileSystem, str]:
@@ -78,55 +123,289 @@ def _filesystem(root: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(str(root))
 
 
+def shard_digits_for(n_images: int) -> int:
+    """Hex digits of the shard prefix for a table of ``n_images``: parts of at most ~PART_ROWS."""
+    if n_images <= PART_ROWS:
+        return 0
+    return max(1, math.ceil(math.log(n_images / PART_ROWS, 16)))
+
+
+def shard_of(image_id: str, digits: int) -> str:
+    """The shard of ``image_id``: its first ``digits`` hex characters (an image_id is a sha256 hex);
+    an id that is not lowercase hex (a library caller's own ids) is sharded by the sha256 of it."""
+    if digits == 0:
+        return "all"
+    head = image_id[:digits]
+    if len(head) == digits and _HEX.issuperset(head):
+        return head
+    return hashlib.sha256(image_id.encode()).hexdigest()[:digits]
+
+
+def ids_digest(image_ids: Iterable[str]) -> str:
+    """Order-free digest of a set of image ids (what a part holds, whatever its row order)."""
+    h = hashlib.sha256()
+    for iid in sorted(image_ids):
+        h.update(iid.encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _overlaps(a: str, b: str) -> bool:
+    """Whether shards ``a`` and ``b`` (prefixes, 'all' = every id) can hold a common id."""
+    if a == "all" or b == "all":
+        return True
+    return a.startswith(b) or b.startswith(a)
+
+
+@dataclass
+class _Part:
+    file: str  # name inside the model folder
+    shard: str
+    rows: int
+    digest: str
+
+    def entry(self) -> dict:
+        return {"file": self.file, "shard": self.shard, "rows": self.rows, "ids_sha256": self.digest}
+
+
+@dataclass
+class _Index:
+    fingerprint: str
+    dim: int
+    shard_digits: int
+    parts: list[_Part]
+
+    @property
+    def rows(self) -> int:
+        return sum(p.rows for p in self.parts)
+
+    def to_json(self) -> str:
+        return json.dumps({"format": INDEX_FORMAT, "fingerprint": self.fingerprint, "dim": self.dim,
+                           "shard_digits": self.shard_digits, "rows": self.rows,
+                           "parts": [p.entry() for p in self.parts]}, indent=1, sort_keys=True)
+
+
 class EmbeddingStore:
     def __init__(self, root: str | os.PathLike):
         self.root = str(root)
         self.fs, self.base = _filesystem(self.root)
+        self.remote = not isinstance(self.fs, pafs.LocalFileSystem)
 
     def folder(self, dataset: str, model: str) -> str:
         return f"{self.base}/embeddings/dataset={dataset}/model={model}"
 
-    def table_path(self, dataset: str, model: str) -> str:
-        return f"{self.folder(dataset, model)}/embeddings.parquet"
+    def index_path(self, dataset: str, model: str) -> str:
+        return f"{self.folder(dataset, model)}/{INDEX_NAME}"
+
+    def legacy_path(self, dataset: str, model: str) -> str:
+        """The single-file table of the earlier layout (read, then migrated by the next run)."""
+        return f"{self.folder(dataset, model)}/{LEGACY_TABLE}"
 
     def uri(self, dataset: str, model: str) -> str:
-        """A path DuckDB and people can use (the URI scheme kept for remote roots)."""
-        path = self.table_path(dataset, model)
-        if "://" in self.root:
+        """The table's folder as a path DuckDB and people can use (the URI scheme kept for remote roots)."""
+        path = self.folder(dataset, model)
+        if self.remote:
             return f"{self.root.split('://', 1)[0]}://{path}"
         return path
 
-    def _checkpoint_dir(self, dataset: str, model: str, fingerprint: str) -> str:
-        return f"{self.folder(dataset, model)}/_checkpoints/{fingerprint[:32]}"
-
     # -- reading ---------------------------------------------------------------------------
 
-    def exists(self, dataset: str, model: str) -> bool:
+    def _info(self, path: str) -> pafs.FileInfo:
         try:
-            return self.fs.get_file_info(self.table_path(dataset, model)).type == pafs.FileType.File
+            return self.fs.get_file_info(path)
         except OSError as exc:  # an unreachable endpoint or refused credentials on object storage
             raise StorageError(f"cannot reach the embedding lake {redact(self.root)}: {exc}; check the "
                                "storage root, the endpoint and the AWS_* credentials") from None
 
-    def read(self, dataset: str, model: str) -> EmbeddingTable | None:
-        """The last complete table, or None if there is none."""
-        if not self.exists(dataset, model):
+    def _is_file(self, path: str) -> bool:
+        return self._info(path).type == pafs.FileType.File
+
+    def _read_index(self, dataset: str, model: str) -> _Index | None:
+        path = self.index_path(dataset, model)
+        if not self._is_file(path):
             return None
-        return _read_parquet(self.fs, self.table_path(dataset, model))
+        try:
+            with self.fs.open_input_stream(path) as f:
+                data = json.loads(f.read().decode("utf-8"))
+            if data.get("format") != INDEX_FORMAT:
+                raise ValueError(f"format {data.get('format')!r}, expected {INDEX_FORMAT!r}")
+            parts = [_Part(str(p["file"]), str(p["shard"]), int(p["rows"]), str(p["ids_sha256"]))
+                     for p in data["parts"]]
+            return _Index(str(data["fingerprint"]), int(data["dim"]), int(data["shard_digits"]), parts)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise StorageError(f"embedding index {path} is unreadable ({exc}); delete the folder "
+                               f"{self.folder(dataset, model)} and re-run its embedding") from None
+
+    def exists(self, dataset: str, model: str) -> bool:
+        return self._is_file(self.index_path(dataset, model)) or self._is_file(self.legacy_path(dataset, model))
+
+    def part_paths(self, dataset: str, model: str) -> list[str]:
+        """The files of the current table: its indexed parts, or the single file of the earlier layout."""
+        index = self._read_index(dataset, model)
+        if index is not None:
+            return [f"{self.folder(dataset, model)}/{p.file}" for p in index.parts]
+        legacy = self.legacy_path(dataset, model)
+        return [legacy] if self._is_file(legacy) else []
+
+    def iter_parts(self, dataset: str, model: str) -> Iterator[EmbeddingTable]:
+        """The current table one part at a time (memory: one part), in shard order."""
+        for path in self.part_paths(dataset, model):
+            yield _read_parquet(self.fs, path)
+
+    def read(self, dataset: str, model: str, order: Sequence[str] | None = None) -> EmbeddingTable | None:
+        """The last complete table, or None if there is none.
+
+        ``order`` (e.g. the manifest's image ids): the rows of those ids come first, in that order;
+        stored ids not in it follow in stored order. Without it, rows come part by part."""
+        index = self._read_index(dataset, model)
+        paths = self.part_paths(dataset, model)
+        if not paths:
+            return None
+        pieces = [_read_parquet(self.fs, p) for p in paths]
+        fingerprint = index.fingerprint if index is not None else pieces[0].fingerprint
+        dim = index.dim if index is not None else pieces[0].dim
+        ids = np.concatenate([p.image_ids for p in pieces]) if pieces else np.zeros(0, dtype=object)
+        vectors = (np.concatenate([p.vectors for p in pieces]) if pieces
+                   else np.zeros((0, dim), dtype=np.float32))
+        if order is not None:
+            where = {iid: i for i, iid in enumerate(ids.tolist())}
+            first = [where.pop(iid) for iid in dict.fromkeys(order) if iid in where]
+            rest = sorted(where.values())
+            take = np.asarray(first + rest, dtype=np.int64)
+            if not np.array_equal(take, np.arange(len(ids))):
+                ids, vectors = ids[take], vectors[take]
+        return EmbeddingTable(ids.astype(object), vectors, fingerprint)
 
     def read_fingerprint(self, dataset: str, model: str) -> str | None:
-        if not self.exists(dataset, model):
+        index = self._read_index(dataset, model)
+        if index is not None:
+            return index.fingerprint
+        legacy = self.legacy_path(dataset, model)
+        return self.file_fingerprint(legacy)
+
+    def file_fingerprint(self, path: str) -> str | None:
+        """The model fingerprint in the metadata of a lake file at ``path`` (image or text
+        embeddings), or None when there is no such file."""
+        if self._info(path).type != pafs.FileType.File:
             return None
-        with self.fs.open_input_file(self.table_path(dataset, model)) as f:
-            meta = pq.read_schema(f).metadata or {}
+        try:
+            with self.fs.open_input_file(path) as f:
+                meta = pq.read_schema(f).metadata or {}
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise StorageError(f"embedding file {path} is unreadable ({exc}); delete it and re-run") from None
         return meta.get(EMBEDDING_FINGERPRINT_KEY, b"").decode() or None
 
     # -- writing ---------------------------------------------------------------------------
 
     def write(self, dataset: str, model: str, table: EmbeddingTable) -> str:
-        path = self.table_path(dataset, model)
-        _write_parquet(self.fs, path, table, model)
-        return path
+        """Replace the stored table by ``table`` (sharded into parts; rows of a part keep their
+        order). Returns the path of its index, the file that names the table's parts."""
+        vectors = np.asarray(table.vectors, dtype=np.float32)
+        by_id = {str(iid): i for i, iid in enumerate(table.image_ids)}
+
+        def embed_chunk(positions):
+            pos = list(positions)
+            yield pos, vectors[[by_id[ids[p]] for p in pos]] if pos else np.zeros((0, table.dim), np.float32)
+
+        ids = [str(i) for i in table.image_ids]
+        self.embed_incrementally(dataset, model, ids, table.fingerprint, embed_chunk, chunk_size=max(1, len(ids)),
+                                 _replace=True, _dim=table.dim)
+        return self.index_path(dataset, model)
+
+    def migrate(self, dataset: str, model: str) -> bool:
+        """Rewrite a table of the single-file layout as parts plus an index (no re-embedding).
+        True when there was one to migrate."""
+        if self._read_index(dataset, model) is not None or not self._is_file(self.legacy_path(dataset, model)):
+            return False
+        old = _read_parquet(self.fs, self.legacy_path(dataset, model))
+        self.write(dataset, model, old)  # the commit deletes the legacy file and its _checkpoints
+        return True
+
+    def unchanged(self, dataset: str, model: str, image_ids: Sequence[str], fingerprint: str) -> EmbedReport | None:
+        """The report of a run with nothing to do (new=0), when the stored table holds exactly
+        ``image_ids`` (duplicates dropped) under ``fingerprint``; else None. Needs no embedder: with
+        the fingerprint known beforehand (``FingerprintMemo``) no model is loaded. Reads only the
+        index (a table of the earlier layout is migrated first)."""
+        start = time.perf_counter()
+        self.migrate(dataset, model)
+        index = self._read_index(dataset, model)
+        wanted = list(dict.fromkeys(str(i) for i in image_ids))
+        if index is None or index.fingerprint != fingerprint or not self._all_parts_current(index, wanted):
+            return None
+        return self._unchanged_report(dataset, model, index, wanted, start)
+
+    def _all_parts_current(self, index: _Index, wanted: list[str]) -> bool:
+        if index.shard_digits != self._digits(index, len(wanted)):
+            return False
+        groups = _group_by_shard(wanted, index.shard_digits)
+        have = {p.shard: p for p in index.parts}
+        return set(groups) == set(have) and all(have[s].digest == ids_digest(ids) and have[s].rows == len(ids)
+                                                for s, ids in groups.items())
+
+    def _unchanged_report(self, dataset: str, model: str, index: _Index, wanted: list[str], start: float) -> EmbedReport:
+        # Nothing new, nothing gone (the nightly re-embed): the stored parts are the answer as they
+        # are; no copy, no rewrite (no re-upload on object storage). Left-over staging goes.
+        self._delete_unindexed(dataset, model, index)
+        return EmbedReport(total=len(wanted), new=0, reused=len(wanted), removed=0, resumed=0,
+                           seconds=time.perf_counter() - start, embed_seconds=0.0, fingerprint=index.fingerprint,
+                           dim=index.dim, path=self.uri(dataset, model), ids=wanted,
+                           all_finite=True, parts_kept=len(index.parts),
+                           read_table=lambda: self.read(dataset, model, order=wanted))
+
+    @staticmethod
+    def _digits(index: _Index | None, n_images: int) -> int:
+        """Keep the stored shard width while the collection stays within 16x of its ideal size."""
+        ideal = shard_digits_for(n_images)
+        if index is not None and abs(index.shard_digits - ideal) <= 1:
+            return index.shard_digits
+        return ideal
+
+    def pending(self, dataset: str, model: str, image_ids: Sequence[str], fingerprint: str) -> int:
+        """How many of ``image_ids`` :meth:`embed_incrementally` would embed for ``fingerprint``
+        (neither in the stored table under that fingerprint nor in a left-over part of a run that
+        died). Reads the index and the image_id columns only: cheap enough to size a progress bar."""
+        wanted = set(str(i) for i in image_ids)
+        known: set[str] = set()
+        for path in self._sources(dataset, model, fingerprint):
+            known |= wanted.intersection(_read_ids(self.fs, path))
+        return len(wanted) - len(known)
+
+    def _sources(self, dataset: str, model: str, fingerprint: str) -> list[str]:
+        """Files that may hold vectors under ``fingerprint``: the current table's parts (when its
+        fingerprint matches) and the finished parts of runs that died."""
+        paths = self.part_paths(dataset, model) if self.read_fingerprint(dataset, model) == fingerprint else []
+        return paths + [p for p, _ in self._leftovers(dataset, model, fingerprint)]
+
+    def _leftovers(self, dataset: str, model: str, fingerprint: str) -> list[tuple[str, str | None]]:
+        """(path, shard or None) of parts no index names that carry ``fingerprint``: ``_staging/``
+        (local), unindexed parts (object storage), and checkpoints of the single-file layout."""
+        folder = self.folder(dataset, model)
+        index = self._read_index(dataset, model)
+        indexed = {p.file for p in index.parts} if index is not None else set()
+        out = []
+        for info in self._list(folder, recursive=True):
+            rel = info.path[len(folder) + 1:]
+            name = rel.rsplit("/", 1)[-1]
+            if info.type != pafs.FileType.File or not name.endswith(".parquet") or name.startswith("."):
+                continue
+            if rel.startswith("_checkpoints/") or (rel.startswith(f"{STAGING}/") and _CHECKPOINT_NAME.match(name)):
+                shard = None
+            elif (rel.startswith(f"{STAGING}/") or "/" not in rel) and (m := _PART_NAME.match(name)):
+                if rel in indexed:
+                    continue
+                shard = m.group("shard")
+            else:
+                continue
+            if self.file_fingerprint(info.path) == fingerprint:
+                out.append((info.path, shard))
+        return out
+
+    def _list(self, folder: str, recursive: bool = False) -> list[pafs.FileInfo]:
+        try:
+            return self.fs.get_file_info(pafs.FileSelector(folder, recursive=recursive, allow_not_found=True))
+        except OSError as exc:
+            raise StorageError(f"cannot list {redact(folder)}: {exc}; check the storage root, the endpoint "
+                               "and the AWS_* credentials") from None
 
     def embed_incrementally(
         self,
@@ -137,134 +416,211 @@ class EmbeddingStore:
         embed_chunk: Callable[[Sequence[int]], Iterable[tuple[np.ndarray, np.ndarray]]],
         *,
         chunk_size: int = 1024,
+        _replace: bool = False,
+        _dim: int | None = None,
     ) -> EmbedReport:
         """Bring the stored table in line with ``image_ids`` for ``fingerprint``.
 
-        ``embed_chunk(indices)`` receives positions into ``image_ids`` still to embed and
-        yields ``(positions, vectors float32 [n, dim])`` pairs; it is called once per chunk
-        of at most ``chunk_size`` images so every finished chunk is checkpointed.
+        ``embed_chunk(indices)`` receives positions into ``image_ids`` still to embed and yields
+        ``(positions, vectors float32 [n, dim])`` pairs. It is called once per group of shards whose
+        missing images add up to about ``chunk_size``; each shard's part is written as soon as its
+        group is embedded, so a run that dies loses at most one group.
         """
         start = time.perf_counter()
-        wanted = list(dict.fromkeys(image_ids))  # order kept, duplicates dropped
+        wanted = list(dict.fromkeys(str(i) for i in image_ids))  # order kept, duplicates dropped
         wanted_set = set(wanted)
-        existing = self.read(dataset, model)
-        if existing is not None and existing.fingerprint == fingerprint and existing.image_ids.tolist() == wanted:
-            return self._unchanged_report(dataset, model, existing, start)
-        known: dict[str, np.ndarray] = {}
-        removed = 0
-        if existing is not None:
-            # Set lookups: np.isin on object (string) arrays compares every pair, O(N·M).
-            keep = np.fromiter((iid in wanted_set for iid in existing.image_ids), dtype=bool, count=len(existing))
-            removed = int((~keep).sum())
-            if existing.fingerprint == fingerprint:
-                known = dict(zip(existing.image_ids[keep], existing.vectors[keep]))
-        reused = len(known)
+        if not _replace:
+            self.migrate(dataset, model)
+        index = self._read_index(dataset, model)
+        same = index is not None and index.fingerprint == fingerprint and not _replace
+        digits = self._digits(index if same else None, len(wanted))
+        groups = _group_by_shard(wanted, digits, positions=True)
+        old_parts = index.parts if index is not None else []
+        kept = {p.shard: p for p in old_parts} if same and index.shard_digits == digits else {}
+        folder = self.folder(dataset, model)
+        leftovers = [] if _replace else [
+            (path, shard, set(_read_ids(self.fs, path))) for path, shard in self._leftovers(dataset, model, fingerprint)]
 
-        ckpt_dir = self._checkpoint_dir(dataset, model, fingerprint)
-        resumed = 0
-        for part in self._checkpoint_parts(ckpt_dir):
-            piece = _read_parquet(self.fs, part)
-            for iid, vec in zip(piece.image_ids, piece.vectors):
-                if iid in wanted_set and iid not in known:
-                    known[iid] = vec
-                    resumed += 1
+        counts = {"reused": 0, "resumed": 0, "removed": 0, "written": 0}
+        old_ids: dict[str, set[str]] = {}
 
-        todo = [i for i, iid in enumerate(wanted) if iid not in known]
-        embed_seconds = 0.0
-        dim = existing.dim if existing is not None and reused else None
-        if todo:
-            try:
-                self.fs.create_dir(ckpt_dir, recursive=True)
-            except OSError as exc:
-                raise StorageError(f"cannot write {ckpt_dir}: {exc}; check that the data folder (or storage "
-                                   "root) is writable and has free space") from None
-        for start_at in range(0, len(todo), chunk_size):
-            chunk = todo[start_at:start_at + chunk_size]
-            t0 = time.perf_counter()
-            got_pos, got_vec = [], []
-            for positions, vectors in embed_chunk(chunk):
-                got_pos.extend(int(p) for p in positions)
-                got_vec.append(np.asarray(vectors, dtype=np.float32))
-            embed_seconds += time.perf_counter() - t0
-            if not got_pos:
+        def ids_of_old(part: _Part) -> set[str]:
+            if part.file not in old_ids:
+                old_ids[part.file] = set(_read_ids(self.fs, f"{folder}/{part.file}"))
+            return old_ids[part.file]
+
+        for part in old_parts:  # images gone from the manifest, counted whatever the fingerprint
+            if not (part.shard in kept and part.shard in groups and kept[part.shard].digest == ids_digest(
+                    wanted[p] for p in groups[part.shard])):
+                counts["removed"] += len(ids_of_old(part) - wanted_set)
+
+        new_parts: list[_Part] = []
+        staged: list[str] = []  # names in _staging/ to rename into place at the commit (local lakes)
+        finite = [True]
+        dim = [_dim if _dim is not None else (index.dim if same else None)]
+        embed_seconds = [0.0]
+        pending: list[tuple[str, list[int], list[int], list[str]]] = []
+        piece_cache: dict[str, EmbeddingTable] = {}
+
+        def read_piece(path: str) -> EmbeddingTable:
+            if path not in piece_cache:
+                piece_cache.clear()  # shards come in sorted order: one piece in memory at a time
+                piece_cache[path] = _read_parquet(self.fs, path)
+            return piece_cache[path]
+
+        def flush() -> None:
+            todo = [p for _, _, t, _ in pending for p in t]
+            fresh: dict[int, np.ndarray] = {}
+            chunks = [todo[i:i + chunk_size] for i in range(0, len(todo), max(1, chunk_size))]
+            for chunk in chunks:
+                t0 = time.perf_counter()
+                got_pos, got_vec = [], []
+                for positions, vectors in embed_chunk(chunk):
+                    got_pos.extend(int(p) for p in positions)
+                    got_vec.append(np.asarray(vectors, dtype=np.float32))
+                embed_seconds[0] += time.perf_counter() - t0
+                if not got_pos:
+                    continue
+                vectors = np.concatenate(got_vec)
+                fresh.update(zip(got_pos, vectors))
+                if len(chunks) > 1:  # a shard larger than a chunk: checkpoint each chunk for a resume
+                    _write_parquet(self.fs, f"{folder}/{STAGING}/ckpt-{uuid.uuid4().hex}.parquet",
+                                   EmbeddingTable(np.array([wanted[p] for p in got_pos], dtype=object), vectors,
+                                                  fingerprint), model)
+            for shard, positions, _, sources in pending:
+                ids_s = [wanted[p] for p in positions]
+                need = set(ids_s)
+                known: dict[str, np.ndarray] = {}
+                for path in sources:
+                    piece = read_piece(path)
+                    for iid, vec in zip(piece.image_ids.tolist(), piece.vectors):
+                        if iid in need and iid not in known:
+                            known[iid] = vec
+                rows = []
+                for p, iid in zip(positions, ids_s):
+                    vec = known.get(iid)
+                    if vec is None:
+                        vec = fresh.get(p)
+                    if vec is None:
+                        raise StorageError(f"{dataset}/{model}: the embedder returned no vector for "
+                                           f"image {iid} (and maybe others of its shard {shard})")
+                    rows.append(vec)
+                vectors = np.stack(rows).astype(np.float32, copy=False)
+                if dim[0] is None:
+                    dim[0] = int(vectors.shape[1])
+                finite[0] = finite[0] and bool(np.isfinite(vectors).all())
+                name = f"part-{shard}-{uuid.uuid4().hex}.parquet"
+                target = f"{folder}/{name}" if self.remote else f"{folder}/{STAGING}/{name}"
+                _write_parquet(self.fs, target, EmbeddingTable(np.array(ids_s, dtype=object), vectors, fingerprint),
+                               model)
+                if not self.remote:
+                    staged.append(name)
+                new_parts.append(_Part(name, shard, len(ids_s), ids_digest(ids_s)))
+                counts["written"] += 1
+            pending.clear()
+
+        pending_todo = 0
+        for shard in sorted(groups):
+            positions = groups[shard]
+            ids_s = [wanted[p] for p in positions]
+            digest = ids_digest(ids_s)
+            part = kept.get(shard)
+            if part is not None and part.digest == digest and part.rows == len(ids_s):
+                new_parts.append(part)  # untouched: not rewritten, not re-uploaded
+                counts["reused"] += len(ids_s)
                 continue
-            vectors = np.concatenate(got_vec)
-            ids = np.array([wanted[p] for p in got_pos], dtype=object)
-            part = EmbeddingTable(ids, vectors, fingerprint)
-            _write_parquet(self.fs, f"{ckpt_dir}/part-{uuid.uuid4().hex}.parquet", part, model)
-            known.update(zip(ids, vectors))
+            adopt = next((path for path, s, ids_l in leftovers
+                          if s == shard and len(ids_l) == len(ids_s) and ids_l == set(ids_s)), None)
+            if adopt is not None:  # a run that died had finished exactly this part
+                name = adopt.rsplit("/", 1)[-1]
+                if not self.remote:
+                    staged.append(name)
+                new_parts.append(_Part(name, shard, len(ids_s), digest))
+                counts["resumed"] += len(ids_s)
+                if dim[0] is None:
+                    dim[0] = read_piece(adopt).dim
+                continue
+            need, known, sources = set(ids_s), set(), []
+            if same:
+                for old in old_parts:
+                    if _overlaps(old.shard, shard) and (hit := (ids_of_old(old) & need) - known):
+                        sources.append(f"{folder}/{old.file}")
+                        known |= hit
+                        counts["reused"] += len(hit)
+            for path, s, ids_l in leftovers:
+                if (s is None or _overlaps(s, shard)) and (hit := (ids_l & need) - known):
+                    sources.append(path)
+                    known |= hit
+                    counts["resumed"] += len(hit)
+            todo = [p for p, iid in zip(positions, ids_s) if iid not in known]
+            pending.append((shard, positions, todo, sources))
+            pending_todo += len(todo)
+            if pending_todo >= chunk_size or not todo:
+                flush()
+                pending_todo = 0
+        flush()
 
-        missing = [iid for iid in wanted if iid not in known]
-        if missing:
-            raise StorageError(f"{dataset}/{model}: the embedder returned no vector for {len(missing)} "
-                               f"image(s), e.g. {missing[0]}")
-        if wanted:
-            vectors = np.stack([known[iid] for iid in wanted]).astype(np.float32, copy=False)
-        else:
-            vectors = np.zeros((0, dim or 0), dtype=np.float32)
-        # str(): ids as the lake gives them back (Python str, not numpy.str_)
-        final = EmbeddingTable(np.array([str(iid) for iid in wanted], dtype=object), vectors, fingerprint)
-        path = self.write(dataset, model, final)
-        self._drop_checkpoints(dataset, model)
+        new_index = _Index(fingerprint, int(dim[0] or 0), digits, new_parts)
+        self._commit(dataset, model, new_index, staged)
+        kept_files = {p.file for p in new_parts}
         return EmbedReport(
-            total=len(wanted), new=len(wanted) - reused - resumed, reused=reused, removed=removed,
-            resumed=resumed, seconds=time.perf_counter() - start, embed_seconds=embed_seconds,
-            fingerprint=fingerprint, dim=final.dim, path=path, table=final,
+            total=len(wanted), new=len(wanted) - counts["reused"] - counts["resumed"], reused=counts["reused"],
+            removed=counts["removed"], resumed=counts["resumed"], seconds=time.perf_counter() - start,
+            embed_seconds=embed_seconds[0], fingerprint=fingerprint, dim=new_index.dim,
+            path=self.uri(dataset, model), ids=wanted, all_finite=finite[0], parts_written=counts["written"],
+            parts_kept=len(new_parts) - counts["written"],
+            parts_removed=sum(1 for p in old_parts if p.file not in kept_files),
+            read_table=lambda: self.read(dataset, model, order=wanted),
         )
 
-    def unchanged(self, dataset: str, model: str, image_ids: Sequence[str], fingerprint: str) -> EmbedReport | None:
-        """The report of a run with nothing to do (new=0), when the stored table holds exactly
-        ``image_ids`` (in order, duplicates dropped) under ``fingerprint``; else None. Needs no
-        embedder: with the fingerprint known beforehand (``FingerprintMemo``) no model is loaded."""
-        start = time.perf_counter()
-        existing = self.read(dataset, model)
-        if existing is None or existing.fingerprint != fingerprint \
-                or existing.image_ids.tolist() != list(dict.fromkeys(image_ids)):
-            return None
-        return self._unchanged_report(dataset, model, existing, start)
+    def _commit(self, dataset: str, model: str, index: _Index, staged: list[str]) -> None:
+        """Rename the staged parts into place, write the index (the commit point), then delete what
+        it no longer names."""
+        folder = self.folder(dataset, model)
+        for name in staged:
+            try:
+                os.replace(f"{folder}/{STAGING}/{name}", f"{folder}/{name}")
+            except FileNotFoundError:
+                raise StorageError(f"{dataset}/{model}: a part of this run vanished from {folder}/{STAGING} "
+                                   "(another run of the same partition committed meanwhile); re-run it") from None
+            except OSError as exc:
+                raise StorageError(f"cannot move a part into {folder}: {exc}; {_LAKE_HINT}") from None
+        text = index.to_json()
+        path = self.index_path(dataset, model)
+        if self.remote:
+            try:
+                self.fs.create_dir(folder, recursive=True)
+                with self.fs.open_output_stream(path) as f:  # one PUT: atomic on object storage
+                    f.write(text.encode("utf-8"))
+            except OSError as exc:
+                raise StorageError(f"cannot write {path}: {exc}; {_LAKE_HINT}") from None
+        else:
+            write_text(path, text, hint=_LAKE_HINT)
+        self._delete_unindexed(dataset, model, index)
 
-    def _unchanged_report(self, dataset: str, model: str, existing: EmbeddingTable, start: float) -> EmbedReport:
-        # Nothing new, nothing gone (the nightly re-embed): the stored table is the answer as it
-        # is; no copy, no rewrite (no re-upload on object storage).
-        self._drop_checkpoints(dataset, model)
-        return EmbedReport(total=len(existing), new=0, reused=len(existing), removed=0, resumed=0,
-                           seconds=time.perf_counter() - start, embed_seconds=0.0,
-                           fingerprint=existing.fingerprint, dim=existing.dim,
-                           path=self.table_path(dataset, model), table=existing)
-
-    def pending(self, dataset: str, model: str, image_ids: Sequence[str], fingerprint: str) -> int:
-        """How many of ``image_ids`` :meth:`embed_incrementally` would embed for ``fingerprint``
-        (neither in the stored table under that fingerprint nor in its checkpoints). Reads only
-        the image_id columns: cheap enough to size a progress bar before the run."""
-        wanted = set(image_ids)
-        known: set[str] = set()
-        path = self.table_path(dataset, model)
-        if self.read_fingerprint(dataset, model) == fingerprint:
-            known |= wanted.intersection(_read_ids(self.fs, path))
-        for part in self._checkpoint_parts(self._checkpoint_dir(dataset, model, fingerprint)):
-            known |= wanted.intersection(_read_ids(self.fs, part))
-        return len(wanted) - len(known)
-
-    def file_fingerprint(self, path: str) -> str | None:
-        """The model fingerprint in the metadata of a lake file at ``path`` (image or text
-        embeddings), or None when there is no such file."""
-        if self.fs.get_file_info(path).type != pafs.FileType.File:
-            return None
+    def _delete_unindexed(self, dataset: str, model: str, index: _Index) -> None:
+        """Delete every table file of the folder ``index`` does not name: superseded parts, the
+        single-file table of the earlier layout, staging and checkpoints of runs that died."""
+        folder = self.folder(dataset, model)
+        keep = {p.file for p in index.parts}
         try:
-            with self.fs.open_input_file(path) as f:
-                meta = pq.read_schema(f).metadata or {}
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise StorageError(f"embedding file {path} is unreadable ({exc}); delete it and re-run") from None
-        return meta.get(EMBEDDING_FINGERPRINT_KEY, b"").decode() or None
+            for info in self._list(folder):
+                name = info.path.rsplit("/", 1)[-1]
+                if info.type == pafs.FileType.Directory and name in (STAGING, "_checkpoints"):
+                    self.fs.delete_dir(info.path)
+                elif info.type == pafs.FileType.File and name not in keep and (
+                        name == LEGACY_TABLE or _PART_NAME.match(name)):
+                    self.fs.delete_file(info.path)
+        except OSError as exc:
+            raise StorageError(f"cannot clean up {redact(folder)}: {exc}; {_LAKE_HINT}") from None
 
-    def _checkpoint_parts(self, ckpt_dir: str) -> list[str]:
-        info = self.fs.get_file_info(pafs.FileSelector(ckpt_dir, allow_not_found=True))
-        return sorted(i.path for i in info if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
 
-    def _drop_checkpoints(self, dataset: str, model: str) -> None:
-        ckpt_root = f"{self.folder(dataset, model)}/_checkpoints"
-        if self.fs.get_file_info(ckpt_root).type == pafs.FileType.Directory:
-            self.fs.delete_dir(ckpt_root)
+def _group_by_shard(ids: Sequence[str], digits: int, positions: bool = False) -> dict[str, list]:
+    """Shard -> the ids (or their positions in ``ids``) that fall in it, in the order given."""
+    groups: dict[str, list] = {}
+    for i, iid in enumerate(ids):
+        groups.setdefault(shard_of(iid, digits), []).append(i if positions else iid)
+    return groups
 
 
 def _read_ids(fs: pafs.FileSystem, path: str) -> list[str]:

@@ -51,7 +51,7 @@ def lake_dataset(root: str) -> ds.Dataset:
 
     Columns: image_id (string), embedding (list<float32>; the stored FixedSizeList is cast so that
     models of different dimensions fit one schema), dataset, model (from the hive folders).
-    Checkpoint parts of unfinished runs are left out. An empty lake gives an empty dataset.
+    Only the parts each table's index names: parts of unfinished runs are left out. An empty lake gives an empty dataset.
     """
     from nfhm_pipeline.store.embedding_store import EmbeddingStore
 
@@ -62,8 +62,16 @@ def lake_dataset(root: str) -> ds.Dataset:
     except OSError as exc:
         raise StorageError(f"cannot list the embedding lake {redact(root)}: {exc}; check the endpoint and "
                            "the AWS_* credentials") from None
-    files = sorted(i.path for i in infos if i.type == pafs.FileType.File
-                   and i.path.endswith("/embeddings.parquet") and "/_checkpoints/" not in i.path)
+    # The current parts of each table, as its index names them (a table of the single-file layout
+    # not migrated yet: that file). Staged, superseded and checkpoint parts are left out.
+    folders = sorted({i.path.rsplit("/", 1)[0] for i in infos if i.type == pafs.FileType.File
+                      and i.path.rsplit("/", 1)[-1] in ("_index.json", "embeddings.parquet")
+                      and i.path[len(base) + 1:].count("/") == 2})
+    files = []
+    for folder in folders:
+        dataset_dir, model_dir = folder[len(base) + 1:].split("/")
+        if dataset_dir.startswith("dataset=") and model_dir.startswith("model="):
+            files += store.part_paths(dataset_dir[len("dataset="):], model_dir[len("model="):])
     if not files:
         return ds.dataset(EMBEDDINGS_VIEW_SCHEMA.empty_table())
     hive = ds.partitioning(pa.schema([("dataset", pa.string()), ("model", pa.string())]), flavor="hive")

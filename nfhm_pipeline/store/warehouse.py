@@ -277,25 +277,35 @@ def refresh_embedding_view(path: str | Path, lake_root: str) -> None:
 
 def _create_embedding_view(con, lake_root: str) -> None:
     con.execute(f"CREATE OR REPLACE VIEW nfhm_lake AS SELECT '{_quote_literal(redact(lake_root))}' AS root")
-    if is_remote(lake_root) or not _has_embedding_tables(lake_root):
+    kinds = [] if is_remote(lake_root) else _embedding_table_kinds(lake_root)
+    if not kinds:
         # Remote: see above. Local with no table yet: DuckDB refuses a view over no file.
         con.execute("DROP VIEW IF EXISTS embeddings")
         return
     # DuckDB globs every path it reads, even a single file name: a data folder named 'exp [v2]'
-    # would read a sibling 'exp 2'. The root is escaped; only the two partition levels are globs.
-    pattern = f"{glob_escape(str(lake_root).rstrip('/'))}/embeddings/*/*/embeddings.parquet"
+    # would read a sibling 'exp 2'. The root is escaped; only the partition levels and the part
+    # names are globs. A part glob never reaches a run's _staging/ folder (one level deeper).
+    root = glob_escape(str(lake_root).rstrip('/'))
+    patterns = [f"'{_quote_literal(f'{root}/embeddings/*/*/{name}')}'" for name in kinds]
     con.execute(
-        "CREATE OR REPLACE VIEW embeddings AS SELECT * FROM "
-        f"read_parquet('{_quote_literal(pattern)}', hive_partitioning = true)")
+        "CREATE OR REPLACE VIEW embeddings AS SELECT image_id, embedding, dataset, model FROM "
+        f"read_parquet([{', '.join(patterns)}], hive_partitioning = true)")
 
 
-def _has_embedding_tables(lake_root: str) -> bool:
+def _embedding_table_kinds(lake_root: str) -> list[str]:
+    """The file-name globs the local lake holds tables under: parts (``part-*.parquet``) and, until
+    they are migrated, single-file tables of the earlier layout (``embeddings.parquet``)."""
     base = Path(lake_root) / "embeddings"
+    parts = legacy = False
     try:
-        return any((d / "embeddings.parquet").is_file() for ds in base.iterdir() if ds.is_dir()
-                   for d in ds.iterdir() if d.is_dir())
+        for ds in base.iterdir():
+            for d in (ds.iterdir() if ds.is_dir() else ()):
+                if d.is_dir():
+                    legacy = legacy or (d / "embeddings.parquet").is_file()
+                    parts = parts or any(d.glob("part-*.parquet"))
     except OSError:
-        return False
+        pass
+    return [name for name, present in (("part-*.parquet", parts), ("embeddings.parquet", legacy)) if present]
 
 
 def glob_escape(text: str) -> str:

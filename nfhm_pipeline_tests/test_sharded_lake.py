@@ -1,0 +1,281 @@
+"""The sharded embedding lake: parts per image_id prefix, an index as the commit point, incremental
+rewrites of only the parts that changed, resume after a crash, migration of single-file tables,
+and DuckDB's view over the parts."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from nfhm_pipeline.store import warehouse
+from nfhm_pipeline.store.embedding_store import (
+    PART_ROWS, EmbeddingStore, EmbeddingTable, shard_digits_for, shard_of,
+)
+from nfhm_pipeline.store.schemas import embedding_schema
+
+
+def image_ids(n: int, start: int = 0) -> list[str]:
+    """Ids as the manifest makes them: sha256 hex (of made-up bytes)."""
+    return [hashlib.sha256(f"image {i}".encode()).hexdigest() for i in range(start, start + n)]
+
+
+def vector_of(iid: str, dim: int = 3) -> np.ndarray:
+    """A vector that is a function of the id alone, so any run can be checked against it."""
+    seed = int(iid[:8], 16)
+    return np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+
+
+class Embedder:
+    """embed_chunk for the store that records which ids it was asked for."""
+
+    def __init__(self, ids, fail_after_calls: int | None = None):
+        self.ids, self.asked, self.fail_after = ids, [], fail_after_calls
+
+    def __call__(self, positions):
+        if self.fail_after is not None and len(self.asked) >= self.fail_after:
+            raise RuntimeError("injected crash")
+        self.asked.append([self.ids[p] for p in positions])
+        yield list(positions), np.stack([vector_of(self.ids[p]) for p in positions])
+
+    @property
+    def embedded(self) -> list[str]:
+        return [i for call in self.asked for i in call]
+
+
+def embed(store, ids, fingerprint="fp", **kw):
+    embedder = Embedder(ids, kw.pop("fail_after_calls", None))
+    report = store.embed_incrementally("d", "m", ids, fingerprint, embedder, **kw)
+    return report, embedder
+
+
+def part_files(store) -> dict[str, float]:
+    folder = store.folder("d", "m")
+    return {name: os.stat(f"{folder}/{name}").st_mtime_ns for name in os.listdir(folder) if name.startswith("part-")}
+
+
+def assert_table(store, ids):
+    table = store.read("d", "m", order=ids)
+    assert table.image_ids.tolist() == ids
+    np.testing.assert_array_equal(table.vectors, np.stack([vector_of(i) for i in ids]))
+
+
+def test_shard_width_follows_the_collection_size():
+    assert shard_digits_for(1) == shard_digits_for(PART_ROWS) == 0
+    assert shard_digits_for(10_000) == 1 and shard_digits_for(1_000_000) == 2 and shard_digits_for(10_000_000) == 3
+    iid = image_ids(1)[0]
+    assert shard_of(iid, 0) == "all" and shard_of(iid, 2) == iid[:2]
+    assert len(shard_of("not-hex", 2)) == 2  # a library caller's own ids are sharded by their hash
+
+
+def test_ten_thousand_images_are_sixteen_parts_each_holding_its_prefix(tmp_path):
+    store = EmbeddingStore(tmp_path)
+    ids = image_ids(10_000)
+    report, _ = embed(store, ids)
+    assert (report.total, report.new, report.parts_written) == (10_000, 10_000, 16)
+    index = json.loads(open(store.index_path("d", "m")).read())
+    assert index["shard_digits"] == 1 and index["rows"] == 10_000 and len(index["parts"]) == 16
+    for entry in index["parts"]:
+        ids_in = pq.read_table(f"{store.folder('d', 'm')}/{entry['file']}").column("image_id").to_pylist()
+        assert ids_in and all(i.startswith(entry["shard"]) for i in ids_in) and len(ids_in) == entry["rows"]
+        assert ids_in == [i for i in ids if i.startswith(entry["shard"])]  # manifest order within a part
+    assert_table(store, ids)
+    assert report.ids == ids and report.all_finite
+
+
+def test_a_rerun_with_no_change_writes_no_part_and_adding_ten_images_rewrites_only_their_parts(tmp_path):
+    store = EmbeddingStore(tmp_path)
+    ids = image_ids(10_000)
+    embed(store, ids)
+    before = part_files(store)
+
+    report, embedder = embed(store, ids)
+    assert (report.new, report.reused, report.parts_written, report.parts_kept) == (0, 10_000, 0, 16)
+    assert embedder.asked == [] and part_files(store) == before  # not one file touched
+    assert store.unchanged("d", "m", ids, "fp") is not None
+
+    added = image_ids(10, start=10_000)
+    report, embedder = embed(store, ids + added)
+    touched = {i[0] for i in added}
+    assert (report.new, report.reused, report.removed) == (10, 10_000, 0)
+    assert sorted(embedder.embedded) == sorted(added)  # only the new images are embedded
+    assert report.parts_written == len(touched) and report.parts_kept == 16 - len(touched)
+    after = part_files(store)
+    kept = {name: t for name, t in before.items() if name.split("-")[1] not in touched}
+    assert {name: after[name] for name in kept} == kept  # the other parts: same files, untouched
+    assert len(after) == 16  # the superseded parts are gone
+    assert_table(store, ids + added)
+
+
+def test_removed_images_drop_from_their_parts_only(tmp_path):
+    store = EmbeddingStore(tmp_path)
+    ids = image_ids(5_000)
+    embed(store, ids)
+    gone = [i for i in ids if i[0] == "a"][:3]
+    remaining = [i for i in ids if i not in gone]
+    report, embedder = embed(store, remaining)
+    assert (report.new, report.removed, report.parts_written) == (0, 3, 1)
+    assert embedder.asked == []
+    assert_table(store, remaining)
+
+
+def test_a_changed_fingerprint_rewrites_every_part(tmp_path):
+    store = EmbeddingStore(tmp_path)
+    ids = image_ids(5_000)
+    embed(store, ids)
+    report, embedder = embed(store, ids, fingerprint="fp2")
+    assert (report.new, report.reused, report.parts_written, report.parts_kept) == (5_000, 0, 16, 0)
+    assert store.read_fingerprint("d", "m") == "fp2" and len(part_files(store)) == 16
+
+
+def test_a_crash_keeps_the_old_table_and_the_rerun_reuses_every_finished_part(tmp_path):
+    store = EmbeddingStore(tmp_path)
+    ids = image_ids(10_000)
+    embed(store, ids[:100])  # an earlier, smaller table under another fingerprint
+    with pytest.raises(RuntimeError, match="injected"):
+        # chunk_size 1,000: about two shards per call; the third call dies
+        embed(store, ids, fingerprint="fp2", chunk_size=1_000, fail_after_calls=2)
+    old = store.read("d", "m")
+    assert old.fingerprint == "fp" and len(old) == 100  # the index still names the old table
+    staging = f"{store.folder('d', 'm')}/_staging"
+    finished = {i for name in os.listdir(staging) for i in pq.read_table(f"{staging}/{name}")
+                .column("image_id").to_pylist()}
+    assert finished
+    report, embedder = embed(store, ids, fingerprint="fp2", chunk_size=1_000)
+    assert report.resumed == len(finished) and report.resumed + report.new == 10_000 and report.reused == 0
+    assert len(set(embedder.embedded)) == len(embedder.embedded) == report.new  # nothing embedded twice
+    assert set(embedder.embedded).isdisjoint(finished)
+    assert_table(store, ids)
+    assert not os.path.exists(f"{store.folder('d', 'm')}/_staging")
+
+
+def test_a_shard_larger_than_a_chunk_is_checkpointed_per_chunk(tmp_path):
+    store = EmbeddingStore(tmp_path)
+    ids = image_ids(40)  # one part; chunks of 10
+    with pytest.raises(RuntimeError):
+        embed(store, ids, chunk_size=10, fail_after_calls=3)
+    report, embedder = embed(store, ids, chunk_size=10)
+    assert (report.resumed, report.new) == (30, 10) and embedder.embedded == ids[30:]
+    assert_table(store, ids)
+
+
+def write_single_file_table(store, ids, fingerprint="fp", dim=3):
+    """A table as the earlier layout wrote it: one embeddings.parquet per (dataset, model)."""
+    vectors = np.stack([vector_of(i, dim) for i in ids])
+    arrow = pa.Table.from_arrays(
+        [pa.array(ids, type=pa.string()),
+         pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), type=pa.float32()), dim)],
+        schema=embedding_schema(dim, fingerprint, "m"))
+    os.makedirs(store.folder("d", "m"), exist_ok=True)
+    pq.write_table(arrow, store.legacy_path("d", "m"))
+    return vectors
+
+
+def test_a_single_file_table_is_read_as_it_is_and_migrated_without_re_embedding(tmp_path):
+    store = EmbeddingStore(tmp_path)
+    ids = image_ids(6_000)
+    vectors = write_single_file_table(store, ids)
+    table = store.read("d", "m")  # readable before any migration, in its stored order
+    assert table.image_ids.tolist() == ids and np.array_equal(table.vectors, vectors)
+    assert store.read_fingerprint("d", "m") == "fp"
+
+    report = store.unchanged("d", "m", ids, "fp")  # the no-load path of the nightly run migrates
+    assert report is not None and report.new == 0
+    assert not os.path.exists(store.legacy_path("d", "m")) and len(part_files(store)) == 16
+    migrated = store.read("d", "m", order=ids)
+    assert np.array_equal(migrated.vectors.view(np.uint32), vectors.view(np.uint32))  # bit for bit
+
+    added = image_ids(5, start=6_000)
+    report, embedder = embed(store, ids + added)
+    assert (report.new, report.reused) == (5, 6_000) and sorted(embedder.embedded) == sorted(added)
+
+
+def test_the_embedding_run_migrates_a_single_file_table_it_finds(tmp_path):
+    store = EmbeddingStore(tmp_path)
+    ids = image_ids(50)
+    write_single_file_table(store, ids)
+    report, embedder = embed(store, ids)
+    assert (report.new, report.reused) == (0, 50) and embedder.asked == []
+    assert not os.path.exists(store.legacy_path("d", "m")) and len(part_files(store)) == 1
+
+
+def test_the_duckdb_view_shows_the_current_parts_only(tmp_path):
+    lake, db = tmp_path / "lake", tmp_path / "w.duckdb"
+    store = EmbeddingStore(lake)
+    ids = image_ids(5_000)
+    with pytest.raises(RuntimeError):  # leaves finished parts of fp2 in _staging
+        embed(store, ids, fingerprint="fp2", chunk_size=1_000, fail_after_calls=2)
+    embed(store, ids[:4_000])
+    other = EmbeddingStore(lake)
+    other.embed_incrementally("d2", "m", ids[:7], "fp", Embedder(ids[:7]))
+    write_single_file_table(EmbeddingStore(lake / "x"), ids[:3])  # not in this lake's tree
+    warehouse.refresh_embedding_view(db, str(lake))
+    rows = warehouse.query(db, "SELECT dataset, model, count(*) AS n, count(DISTINCT image_id) AS ids "
+                               "FROM embeddings GROUP BY ALL ORDER BY dataset").values.tolist()
+    assert rows == [["d", "m", 4_000, 4_000], ["d2", "m", 7, 7]]
+
+
+def test_the_view_reads_parts_and_not_yet_migrated_tables_together(tmp_path):
+    lake, db = tmp_path / "lake", tmp_path / "w.duckdb"
+    embed(EmbeddingStore(lake), image_ids(20))
+    old = EmbeddingStore(lake)
+    vectors = np.stack([vector_of(i) for i in image_ids(4)])
+    os.makedirs(f"{old.base}/embeddings/dataset=old/model=m", exist_ok=True)
+    arrow = pa.Table.from_arrays(
+        [pa.array(image_ids(4)), pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), 3)],
+        schema=embedding_schema(3, "fp", "m"))
+    pq.write_table(arrow, f"{old.base}/embeddings/dataset=old/model=m/embeddings.parquet")
+    warehouse.refresh_embedding_view(db, str(lake))
+    rows = warehouse.query(db, "SELECT dataset, count(*) FROM embeddings GROUP BY ALL ORDER BY 1").values.tolist()
+    assert rows == [["d", 20], ["old", 4]]
+
+
+def test_read_puts_the_rows_in_the_order_asked(tmp_path):
+    store = EmbeddingStore(tmp_path)
+    ids = image_ids(9_000)
+    embed(store, ids)
+    shuffled = list(np.random.default_rng(0).permutation(ids))
+    assert_table(store, shuffled)
+    table = store.read("d", "m", order=ids[:10])  # ids not named follow in stored order
+    assert table.image_ids.tolist()[:10] == ids[:10] and len(table) == 9_000
+    parts = list(store.iter_parts("d", "m"))
+    assert len(parts) == 16 and sum(len(p) for p in parts) == 9_000
+
+
+def test_a_growing_collection_is_resharded_without_re_embedding(tmp_path):
+    store = EmbeddingStore(tmp_path)
+    ids = image_ids(70_000)
+    embed(store, ids[:3_000])  # one part
+    report, embedder = embed(store, ids)
+    assert (report.reused, report.new) == (3_000, 67_000)
+    index = json.loads(open(store.index_path("d", "m")).read())
+    assert index["shard_digits"] == 2 and len(index["parts"]) == 256
+    assert sorted(embedder.embedded) == sorted(ids[3_000:])
+    table = store.read("d", "m", order=ids[:3_000])
+    np.testing.assert_array_equal(table.vectors[:3_000], np.stack([vector_of(i) for i in ids[:3_000]]))
+
+
+def test_an_unreadable_index_is_a_storage_error_naming_it(tmp_path):
+    from nfhm_pipeline.errors import StorageError
+
+    store = EmbeddingStore(tmp_path)
+    embed(store, image_ids(5))
+    with open(store.index_path("d", "m"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(StorageError, match="_index.json is unreadable"):
+        store.read("d", "m")
+
+
+def test_a_write_of_a_table_keeps_its_rows(tmp_path):
+    store = EmbeddingStore(tmp_path)
+    ids = image_ids(5_000)
+    table = EmbeddingTable(np.array(ids, dtype=object), np.stack([vector_of(i) for i in ids]), "fp")
+    store.write("d", "m", table)
+    assert_table(store, ids)
+    store.write("d", "m", EmbeddingTable(np.array(ids[:2], dtype=object), table.vectors[:2], "fp"))
+    assert_table(store, ids[:2])
+    assert len(part_files(store)) == 1
