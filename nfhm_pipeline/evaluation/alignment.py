@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from nfhm_pipeline.errors import EvaluationError, StorageError
+from nfhm_pipeline.evaluation.vectors import unit_rows
 
 _FORMAT = "nfhm-alignment-head/1"
 
@@ -63,10 +64,6 @@ def semantic_matching_loss(v, t, l_img, l_txt, temperature: float):
     return (v2t + t2v) / 2
 
 
-def _unit(a: np.ndarray) -> np.ndarray:
-    return a / np.linalg.norm(a, axis=-1, keepdims=True)
-
-
 def _check_embeddings(name: str, a, ndim: int = 2) -> np.ndarray:
     a = np.asarray(a, dtype=np.float32)
     if a.ndim != ndim:
@@ -96,13 +93,14 @@ class AlignmentHead:
         x = _check_embeddings("image embeddings", image_emb).astype(np.float64)
         if x.shape[1] != self.image_weight.shape[1]:
             raise EvaluationError(f"image embeddings have dimension {x.shape[1]}, the head expects {self.image_weight.shape[1]}")
-        return _unit(_unit(x) @ self.image_weight.T + self.image_bias).astype(np.float32)
+        return unit_rows(unit_rows(x, dtype=None, checked=False, non_empty=False) @ self.image_weight.T
+                         + self.image_bias, dtype=None, checked=False, non_empty=False).astype(np.float32)
 
     def project_texts(self) -> np.ndarray:
         """Unit-length projected label texts, float32 [F, K]."""
-        t = _unit(self.label_text_emb.astype(np.float64))
+        t = unit_rows(self.label_text_emb.astype(np.float64), dtype=None, checked=False, non_empty=False)
         if self.text_weight is not None:
-            t = _unit(t @ self.text_weight.T + self.text_bias)
+            t = unit_rows(t @ self.text_weight.T + self.text_bias, dtype=None, checked=False, non_empty=False)
         return t.astype(np.float32)
 
     def scores(self, image_emb) -> np.ndarray:

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from nfhm_pipeline.errors import EvaluationError
+from nfhm_pipeline.evaluation.vectors import unit_rows
 from nfhm_pipeline.evaluation.names import ENSEMBLE, IMAGE_TO_TEXT, PRECISION, RECALL, SINGLE_TEMPLATE, TEXT_TO_IMAGE
 
 DEFAULT_TEMPLATES: tuple[str, ...] = (
@@ -68,15 +69,15 @@ def ensemble_class_embeddings(text_emb: np.ndarray) -> np.ndarray:
     if text_emb.ndim != 3 or 0 in text_emb.shape:
         raise EvaluationError(f"text embeddings must be [classes, templates, dim] and non-empty, got shape {text_emb.shape}.")
     c, t, d = text_emb.shape
-    prompts = _unit_rows(text_emb.reshape(c * t, d), "prompt embeddings").reshape(c, t, d)
-    return _unit_rows(prompts.mean(axis=1), "ensembled class embeddings (prompts cancel out)")
+    prompts = unit_rows(text_emb.reshape(c * t, d), "prompt embeddings").reshape(c, t, d)
+    return unit_rows(prompts.mean(axis=1), "ensembled class embeddings (prompts cancel out)")
 
 
 def zero_shot_predict(image_emb: np.ndarray, class_emb: np.ndarray, k: int = 5) -> np.ndarray:
     """Class indices [N, min(k, C)] (int64) by decreasing cosine; ties go to the lower index."""
     if k < 1:
         raise EvaluationError(f"k must be at least 1, got {k}.")
-    return _top_k(_unit_rows(image_emb, "image embeddings"), _unit_rows(class_emb, "class embeddings"), k)
+    return _top_k(unit_rows(image_emb, "image embeddings"), unit_rows(class_emb, "class embeddings"), k)
 
 
 def zero_shot_accuracy(
@@ -101,7 +102,7 @@ def zero_shot_accuracy(
         raise EvaluationError(f"Every k must be at least 1, got {list(ks)}.")
     text_emb = np.asarray(text_emb, dtype=np.float64)
     ensemble = ensemble_class_embeddings(text_emb)
-    single = _unit_rows(text_emb[:, 0, :], "first-template embeddings")
+    single = unit_rows(text_emb[:, 0, :], "first-template embeddings")
     labels = np.asarray(image_labels)
     n_classes = ensemble.shape[0]
     if labels.shape != (len(image_emb),) or not np.issubdtype(labels.dtype, np.integer):
@@ -146,7 +147,7 @@ def retrieval_metrics(
     scored = _scored_rows(no_prediction, len(np.asarray(image_emb)))
     if scored is not None:
         return _retrieval_with_misses(image_emb, image_labels, text_emb, text_labels, ks, scored, per_query)
-    images, texts = _unit_rows(image_emb, "image embeddings"), _unit_rows(text_emb, "text embeddings")
+    images, texts = unit_rows(image_emb, "image embeddings"), unit_rows(text_emb, "text embeddings")
     if images.shape[1] != texts.shape[1]:
         raise EvaluationError(f"Image embeddings have dim {images.shape[1]} but text embeddings have dim {texts.shape[1]}.")
     image_labels, text_labels = np.asarray(image_labels), np.asarray(text_labels)
@@ -196,7 +197,7 @@ def _retrieval_with_misses(image_emb, image_labels, text_emb, text_labels, ks, s
     if not scored.any():
         raise EvaluationError("every image is a no-prediction row (an all-zero embedding?): retrieval has no "
                               "image to rank.")
-    images, texts = _unit_rows(image_emb[scored], "image embeddings"), _unit_rows(text_emb, "text embeddings")
+    images, texts = unit_rows(image_emb[scored], "image embeddings"), unit_rows(text_emb, "text embeddings")
     if images.shape[1] != texts.shape[1]:
         raise EvaluationError(f"Image embeddings have dim {images.shape[1]} but text embeddings have dim {texts.shape[1]}.")
     scored_labels, text_labels = image_labels[scored], np.asarray(text_labels)
@@ -227,19 +228,6 @@ def _retrieval_with_misses(image_emb, image_labels, text_emb, text_labels, ks, s
             rows.append((direction, k, ke, PRECISION, float(precision), PRECISION_CONVENTION))
             rows.append((direction, k, ke, RECALL, float(recall), RECALL_CONVENTION))
     return pd.DataFrame(rows, columns=["direction", "k", "k_effective", "metric", "value", "convention"])
-
-
-def _unit_rows(x: np.ndarray, name: str) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2 or 0 in x.shape:
-        raise EvaluationError(f"{name} must be a non-empty 2-D array [rows, dim], got shape {x.shape}.")
-    if not np.isfinite(x).all():
-        raise EvaluationError(f"{name}: {int((~np.isfinite(x)).any(axis=1).sum())} row(s) hold NaN or inf.")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    zero = np.flatnonzero(norms[:, 0] == 0)
-    if len(zero):
-        raise EvaluationError(f"{name}: {len(zero)} row(s) have zero norm (first at row {zero[0]}); cosine is undefined.")
-    return x / norms
 
 
 def _top_k(queries: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:

@@ -1,0 +1,29 @@
+"""Unit-length rows, the one helper every cosine in the evaluation goes through."""
+from __future__ import annotations
+
+import numpy as np
+
+from nfhm_pipeline.errors import EvaluationError
+
+
+def unit_rows(x, name: str = "embeddings", *, dtype=np.float64, checked: bool = True,
+              non_empty: bool = True) -> np.ndarray:
+    """``x`` with each vector (last axis) divided by its Euclidean norm.
+
+    dtype: the precision of the division (None keeps ``x``'s own). checked: refuse NaN/inf and
+    all-zero vectors with an EvaluationError naming ``name`` (cosine is undefined there); off only
+    where the caller has already checked its inputs. non_empty: require a non-empty 2-D array.
+    """
+    x = np.asarray(x) if dtype is None else np.asarray(x, dtype=dtype)
+    if non_empty and (x.ndim != 2 or 0 in x.shape):
+        raise EvaluationError(f"{name} must be a non-empty 2-D array [rows, dim], got shape {x.shape}.")
+    if checked and not np.isfinite(x).all():
+        bad = (~np.isfinite(x)).reshape(-1, x.shape[-1]).any(axis=1).sum() if x.ndim else 1
+        raise EvaluationError(f"{name}: {int(bad)} row(s) hold NaN or inf; cosine is undefined.")
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    if checked:
+        zero = np.flatnonzero(norms.reshape(-1) == 0)
+        if len(zero):
+            raise EvaluationError(f"{name}: {len(zero)} row(s) have zero norm (first at row {zero[0]}); "
+                                  "cosine is undefined.")
+    return x / norms
