@@ -207,13 +207,16 @@ def print_results(warehouse_path: Path, datasets: list[str], *, models: list[str
 
 
 def _tied_with_best(differences, level: str, heading: str) -> set[str]:
-    """Models statistically tied with the best on the ranking column (paired bootstrap, Holm p >= 0.05)."""
+    """Models statistically tied with the best on the ranking column ``heading``: the one rule of
+    ``reports.summary.standing_against_best`` (paired bootstrap, Holm p >= 0.05 against the best)
+    for that column's (task, metric)."""
+    from nfhm_pipeline.reports.summary import TIED, standing_against_best
+
     column = next(((task, metric) for task, metric, h in RESULT_COLUMNS if h == heading), None)
-    if differences is None or column is None or differences.empty:
+    if column is None:
         return set()
-    rows = differences[(differences["task"] == column[0]) & (differences["metric"] == column[1])
-                       & (differences["level"] == level) & (differences["grp"] == "all")]
-    return set(rows.loc[rows["p_holm"] >= 0.05, "model_b"].astype(str))
+    standing = standing_against_best(differences, level=level, task=column[0], metric=column[1])
+    return set(standing.index[standing["standing"] == TIED].astype(str))
 
 
 def results_text(metrics, differences=None) -> str:

@@ -299,3 +299,263 @@ def test_the_pipeline_stores_auc_scores_and_model_comparison_writes_delong_rows(
         assert shown["p_value"].notna().all(), name
         beyond = shown["diff"].abs() > 0.005
         assert (coloured[shown.index] == (beyond & (shown["p_value"] < 0.05))).all(), name
+
+
+# --- macro / micro AUC: the paired bootstrap over test images ----------------------------------------
+
+def pairwise_auc(y, s):
+    """AUC written out over every (positive, negative) pair, ties one half; None for one class."""
+    pos, neg = s[y == 1], s[y == 0]
+    if len(pos) == 0 or len(neg) == 0:
+        return None
+    return float(((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).mean())
+
+
+def reference_summary(entries, drawn):
+    """(macro, micro) of one scorer's auc_scores rows on one resample: ``drawn`` [n] is how many
+    times each image position was drawn; every entry is written out that many times, then the
+    AUCs are taken pairwise over the written-out sample."""
+    repeated = np.repeat(np.arange(len(entries)), drawn[entries["position"].to_numpy(dtype=int)])
+    finding = entries["finding"].to_numpy()[repeated]
+    target, score = entries["target"].to_numpy()[repeated], entries["score"].to_numpy()[repeated]
+    aucs = [pairwise_auc(target[finding == f], score[finding == f]) for f in sorted(set(finding))]
+    aucs = [a for a in aucs if a is not None]
+    macro = sum(aucs) / len(aucs) if aucs else None
+    return macro, pairwise_auc(target, score)
+
+
+def synthetic_scores(n=1000, n_labels=5, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, (n, n_labels))
+    mask = rng.random((n, n_labels)) > 0.1
+    ids = [f"img{i:04d}" for i in range(n)]
+    names = [f"f{j}" for j in range(n_labels)]
+    random = rng.normal(size=(n, n_labels))
+    scorers = {"good": y + rng.normal(0, 0.5, (n, n_labels)), "random": random, "copy": random.copy()}
+    metrics, scores = [], []
+    for model, s in scorers.items():
+        result = AucResult()
+        result.add("multilabel_probe", "lvl", roc_auc_per_label(y, mask, s, names), auc_summary(y, mask, s), n,
+                   y, mask, s, ids)
+        metrics.append(result.tables.frames()[0].assign(model=model))
+        scores.append(result.scores_frame().assign(model=model))
+    return pd.concat(metrics, ignore_index=True), pd.concat(scores, ignore_index=True)
+
+
+def test_macro_micro_bootstrap_separates_a_clearly_better_model_and_ties_an_identical_copy():
+    import time
+
+    from nfhm_pipeline.evaluation.auc_differences import bootstrap_summary_differences
+
+    metrics, scores = synthetic_scores()
+    start = time.perf_counter()
+    rows = bootstrap_summary_differences(scores, seed=5, n_resamples=1000)
+    print(f"\nmacro/micro paired bootstrap, 1000 images x 5 labels x 3 models, B = 1000: "
+          f"{time.perf_counter() - start:.2f} s")
+    assert set(rows["test"]) == {"bootstrap-paired"} and set(rows["metric"]) == {"macro_auc", "micro_auc"}
+    assert len(rows) == 2 * 3 * 2 and (rows["n"] == 1000).all() and rows["p_mcnemar"].isna().all()
+    value = metrics.set_index(["model", "metric"])["value"]
+    got = rows.set_index(["metric", "model_a", "model_b"])
+    for metric in ("macro_auc", "micro_auc"):
+        for (a, b) in (("good", "random"), ("random", "good"), ("copy", "random"), ("good", "copy")):
+            assert got.loc[(metric, a, b), "difference"] == pytest.approx(value[a, metric] - value[b, metric],
+                                                                          abs=1e-12)
+        better = got.loc[(metric, "good", "random")]
+        assert better["difference"] > 0.3 and better["p_holm"] < 0.05 and better["ci_low"] > 0.3
+        copy = got.loc[(metric, "copy", "random")]
+        assert copy["difference"] == 0 and copy["p_value"] == 1 and copy["p_holm"] == 1
+        assert copy["ci_low"] == copy["ci_high"] == 0
+        # Holm within (metric, model_a): 'random' against good and copy
+        family = rows[(rows["metric"] == metric) & (rows["model_a"] == "random")]
+        assert family["p_holm"].tolist() == pytest.approx(reference_holm(family["p_value"].tolist()), abs=1e-15)
+
+
+def test_a_label_with_one_class_in_the_test_images_is_left_out_of_macro_as_in_the_metric():
+    from nfhm_pipeline.evaluation.auc_differences import bootstrap_summary_differences
+
+    rng = np.random.default_rng(3)
+    n = 40
+    y = rng.integers(0, 2, (n, 3))
+    y[:, 2] = 0  # 'none': every counted test image negative
+    mask = np.ones_like(y, bool)
+    ids = [f"img{i:03d}" for i in range(n)]
+    metrics, scores = [], []
+    for model in ("a", "b"):
+        s = y + rng.normal(0, 1.0 if model == "a" else 2.0, y.shape)
+        result = AucResult()
+        result.add("multilabel_probe", "lvl", roc_auc_per_label(y, mask, s, ["x", "w", "none"]),
+                   auc_summary(y, mask, s), n, y, mask, s, ids)
+        metrics.append(result.tables.frames()[0].assign(model=model))
+        scores.append(result.scores_frame().assign(model=model))
+    metrics = pd.concat(metrics).set_index(["model", "metric"])["value"]
+    scores = pd.concat(scores, ignore_index=True)
+    assert (scores["finding"] == "none").sum() == 2 * n  # its entries are stored (and count in micro)
+    assert metrics["a", "n_labels_defined"] == 2
+    rows = bootstrap_summary_differences(scores, seed=0, n_resamples=200).set_index(["metric", "model_a"])
+    macro = rows.loc[("macro_auc", "a"), "difference"]
+    assert macro == pytest.approx(metrics["a", "macro_auc"] - metrics["b", "macro_auc"], abs=1e-12)
+    two_labels = {m: (metrics[m, "auc:x"] + metrics[m, "auc:w"]) / 2 for m in "ab"}
+    assert macro == pytest.approx(two_labels["a"] - two_labels["b"], abs=1e-12)
+    assert rows.loc[("micro_auc", "a"), "difference"] == pytest.approx(
+        metrics["a", "micro_auc"] - metrics["b", "micro_auc"], abs=1e-12)
+
+
+GROUPED_FINDINGS = [*FINDINGS, "Fracture"]  # Fracture: negative in every image, so one class in the test images
+GROUPED_RESAMPLES = 300
+
+
+@pytest.fixture(scope="module")
+def grouped_run(tmp_path_factory):
+    """A pipeline run on the chest collection with a patient column (two images each, resampled as
+    one unit), an all-negative finding, and three models: raw-pixels, an identical copy of it, and
+    tiny-clip (zero-shot and alignment head). Yields (warehouse path, catalog)."""
+    from nfhm_pipeline.catalog import load_catalog
+    from nfhm_pipeline.definitions import build_definitions
+
+    root = tmp_path_factory.mktemp("grouped")
+    csv_path = write_collection(root / "chest")
+    table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    table["Fracture"] = "0.0"
+    table["Patient"] = [f"p{i // 2:02d}" for i in range(len(table))]
+    table.to_csv(csv_path, index=False)
+    catalog_path = root / "catalog.yaml"
+    catalog_path.write_text(f"""datasets:
+  chest:
+    reader: chexpert_csv
+    csv: {csv_path}
+    findings: {GROUPED_FINDINGS}
+    labels: [label]
+    group: Patient
+    resample_by: Patient
+    resamples: {GROUPED_RESAMPLES}
+    uncertain_policy: ignore
+    split: {{test_fraction: 0.3, seed: 3, folds: 2}}
+models:
+  raw-pixels:
+    loader: raw_pixels
+    image_size: 8
+  raw-pixels-copy:
+    loader: raw_pixels
+    image_size: 8
+  tiny-clip:
+    loader: open_clip
+    build: tiny_openclip
+    model: nfhm-tiny-clip
+    pretrained: models/nfhm-tiny-clip-seed0.safetensors
+    seed: 0
+""")
+    catalog = load_catalog(catalog_path)
+    data_dir = root / "data"
+    defs = build_definitions(catalog, local_resources(data_dir))
+    with dg.instance_for_test() as instance:
+        for i, model in enumerate(["raw-pixels", "raw-pixels-copy", "tiny-clip"]):
+            stages = ["image_embeddings", "text_embeddings", "multilabel_metrics"] + ["alignment_head"] * (
+                model == "tiny-clip")
+            materialize(defs, instance, ["image_manifest", "splits"] * (i == 0) + stages, model)
+        materialize(defs, instance, ["model_comparison"])
+    yield data_dir / "warehouse.duckdb", catalog
+
+
+def summary_rows(db):
+    from nfhm_pipeline.store import warehouse
+
+    differences = warehouse.read_table(db, "model_differences", dataset="chest")
+    return differences[differences["metric"].isin(["macro_auc", "micro_auc"])]
+
+
+def test_pipeline_macro_micro_differences_equal_the_stored_metric_differences(grouped_run):
+    from nfhm_pipeline.store import warehouse
+
+    db, _ = grouped_run
+    metrics = warehouse.read_table(db, "metrics", dataset="chest")
+    value = metrics.set_index(["model", "task", "metric"])["value"]
+    rows = summary_rows(db)
+    assert set(rows["test"]) == {"bootstrap-paired"} and (rows["grp"] == "all").all()
+    probe = rows[rows["task"] == "multilabel_probe"].set_index(["metric", "model_a", "model_b"])
+    models = ["raw-pixels", "raw-pixels-copy", "tiny-clip"]
+    assert len(probe) == 2 * 3 * 2
+    for metric in ("macro_auc", "micro_auc"):
+        for a in models:
+            for b in (m for m in models if m != a):
+                assert probe.loc[(metric, a, b), "difference"] == pytest.approx(
+                    value[a, "multilabel_probe", metric] - value[b, "multilabel_probe", metric], abs=1e-12)
+        copy = probe.loc[(metric, "raw-pixels-copy", "raw-pixels")]
+        assert copy["difference"] == 0 and copy["p_value"] == 1 and copy["p_holm"] >= 0.05
+    head = rows[rows["task"] == "alignment_head"].set_index("metric")
+    assert sorted(head.index) == ["macro_auc", "micro_auc"]
+    assert (head["model_a"] == "tiny-clip").all() and (head["model_b"] == "tiny-clip").all()
+    assert (head["p_holm"] == head["p_value"]).all()  # a family of one
+    for metric in ("macro_auc", "micro_auc"):
+        assert head.loc[metric, "difference"] == pytest.approx(
+            value["tiny-clip", "alignment_head", metric] - value["tiny-clip", "multilabel_zero_shot", metric],
+            abs=1e-12)
+    # Fracture (one class among the test images) is stored for zero-shot and left out of its macro
+    scores = warehouse.read_table(db, "auc_scores", dataset="chest")
+    assert ((scores["finding"] == "Fracture") & (scores["task"] == "multilabel_zero_shot")).any()
+    assert value["tiny-clip", "multilabel_zero_shot", "n_labels_defined"] == len(FINDINGS)
+    # n: the test images with a counted entry (an image whose findings the policy all leaves out has none)
+    splits = warehouse.read_table(db, "splits", dataset="chest")
+    tested = set(splits.loc[splits["split"] == "test", "image_id"])
+    for task, part in rows.groupby("task"):
+        compared = {"alignment_head": ["alignment_head", "multilabel_zero_shot"]}.get(task, [task])
+        images = set(scores.loc[scores["task"].isin(compared), "image_id"])
+        assert images <= tested and (part["n"] == len(images)).all(), task
+
+
+def test_pipeline_macro_micro_intervals_and_p_match_a_plain_bootstrap_loop_over_patients(grouped_run):
+    from nfhm_pipeline.evaluation.confidence import resample_counts
+    from nfhm_pipeline.store import warehouse
+
+    db, catalog = grouped_run
+    spec = catalog.datasets["chest"]
+    scores = warehouse.read_table(db, "auc_scores", dataset="chest")
+    images = warehouse.read_table(db, "images", dataset="chest").set_index("image_id")
+    rows = summary_rows(db).set_index(["task", "metric", "model_a", "model_b"])
+    cases = [("multilabel_probe", "tiny-clip", "multilabel_probe", "raw-pixels", "multilabel_probe", "tiny-clip"),
+             ("alignment_head", "tiny-clip", "alignment_head", "tiny-clip", "multilabel_zero_shot", "tiny-clip")]
+    for task, model_a, task_a, model_b, task_b, row_a in cases:
+        a = scores[(scores["model"] == model_a) & (scores["task"] == task_a)]
+        b = scores[(scores["model"] == model_b) & (scores["task"] == task_b)]
+        ids = sorted(set(a["image_id"]) & set(b["image_id"]))
+        position = {image: i for i, image in enumerate(ids)}
+        a, b = (s.assign(position=s["image_id"].map(position)).dropna(subset=["position"]) for s in (a, b))
+        patients = ("group:" + images.loc[ids, "grp"].astype(str)).to_numpy()
+        assert len(set(patients)) < len(ids)  # the resample draws patients, not images
+        counts = resample_counts(len(ids), GROUPED_RESAMPLES, int(spec.seed), groups=patients)
+        drawn = {"macro_auc": [], "micro_auc": []}
+        for row in counts:
+            (macro_a, micro_a), (macro_b, micro_b) = reference_summary(a, row), reference_summary(b, row)
+            for metric, x, y in (("macro_auc", macro_a, macro_b), ("micro_auc", micro_a, micro_b)):
+                if x is not None and y is not None:
+                    drawn[metric].append(x - y)
+        for metric, d in drawn.items():
+            stored = rows.loc[(task, metric, row_a, model_b if task != "alignment_head" else row_a)]
+            low, high = np.percentile(d, [2.5, 97.5])
+            tail = min(sum(x <= 0 for x in d), sum(x >= 0 for x in d))
+            assert (stored["ci_low"], stored["ci_high"]) == pytest.approx((low, high), abs=1e-12), (task, metric)
+            assert stored["p_value"] == pytest.approx(min(1.0, 2 * (tail + 1) / (len(d) + 1)), abs=1e-15)
+            assert stored["n"] == len(ids)
+
+
+def test_the_report_tests_macro_and_micro_rows_with_the_bootstrap_p(grouped_run):
+    from nfhm_pipeline.reports.comparison import ComparisonReport, add_auc_comparisons, current_differences
+    from nfhm_pipeline.store import provenance
+
+    db, _ = grouped_run
+    metrics = provenance.current_rows(db, "metrics", "chest")
+    differences = current_differences(db, "chest")
+    report = ComparisonReport(summary_markdown="")
+    add_auc_comparisons(report, metrics, differences)
+    stored = differences[differences["test"] == "bootstrap-paired"].set_index(["task", "metric", "model_a", "model_b"])
+    table = report.extra_tables["probe AUC: tiny-clip vs raw-pixels"].set_index("label")
+    head = report.extra_tables["alignment head vs zero-shot AUC: tiny-clip"].set_index("label")
+    for metric in ("macro_auc", "micro_auc"):
+        assert table.loc[metric, "p_value"] == stored.loc[("multilabel_probe", metric, "tiny-clip", "raw-pixels"),
+                                                          "p_value"]
+        assert head.loc[metric, "p_value"] == stored.loc[("alignment_head", metric, "tiny-clip", "tiny-clip"),
+                                                         "p_value"]
+        for t in (table, head):
+            assert t.loc[metric, "mark"] != "untested"
+            beyond, significant = abs(t.loc[metric, "diff"]) > 0.005, t.loc[metric, "p_value"] < 0.05
+            assert (t.loc[metric, "mark"] in ("better", "worse")) == (beyond and significant)
+    assert "paired bootstrap" in report.html_sections["probe AUC difference: tiny-clip vs raw-pixels"]

@@ -271,6 +271,38 @@ def test_only_knn_after_a_resplit_shows_current_rows_and_names_stale_models(demo
     assert provenance.stale_models(db, DATASET) == ["raw-pixels", "tiny-clip"]
 
 
+
+def test_results_marks_ties_by_the_one_rule_standing_against_best(in_data_dir, capsys):
+    """On the demo's warehouse, the ranks `nfhm results` prints ('1', '2=' for a model tied with the
+    best) are those reports.summary.standing_against_best gives for each block's ranking column."""
+    import re
+
+    from nfhm_pipeline.cli import RESULT_COLUMNS
+    from nfhm_pipeline.reports.summary import BEST, TIED, standing_against_best
+
+    db = in_data_dir / "warehouse.duckdb"
+    assert nfhm(["results"]) == 0
+    out = capsys.readouterr().out
+    differences = warehouse.read_table(db, "model_differences", dataset=DATASET)
+    differences = differences[differences["split_id"] == provenance.current_split_id(db, DATASET)]
+    blocks = re.findall(r"^(\S+) \(ranked by (.+)\):\n(.+(?:\n(?!\n).+)*)", out, flags=re.M)
+    assert blocks, out
+    compared = 0
+    for level, heading, table in blocks:
+        task, metric = next((t, m) for t, m, h in RESULT_COLUMNS if h == heading)
+        standing = standing_against_best(differences, level=level, task=task, metric=metric)
+        lines = table.splitlines()[1:]  # under the header: one line per model, the rank right-aligned
+        ranks = {line.split()[1]: line.split()[0] for line in lines}
+        assert len(ranks) >= 2 and [r.rstrip("=") for r in ranks.values()] == [str(i) for i in range(1, len(ranks) + 1)]
+        assert {m for m, r in ranks.items() if r.endswith("=")} == set(standing.index[standing["standing"] == TIED])
+        if len(standing):
+            compared += 1
+            best = standing.index[standing["standing"] == BEST][0]
+            assert ranks[best] == "1" and set(standing.index) == set(ranks)
+        assert all(re.search(r"\d\.\d \[\d+\.\d, \d+\.\d\]", line) for line in lines)  # value [low, high]
+    assert compared, "no block's ranking column was compared: the test would check nothing"
+
+
 # -- nfhm demo: selections that would run nothing (issue 16 items 9 and 11) --------------------------
 
 def test_demo_with_a_misspelt_model_refuses_and_prints_no_results(in_data_dir, capsys):

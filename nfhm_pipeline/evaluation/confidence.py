@@ -370,17 +370,15 @@ def paired_differences(
     reference = int(reference)
     samples = bootstrap_accuracy(x, counts)
     estimate = x.mean(axis=0)
-    B = samples.shape[0]
     out = []
     for b in range(M):
         if b == reference:
             continue
         d = samples[:, reference] - samples[:, b]
         low, high = percentile_interval(d, level)
-        tail = min(np.count_nonzero(d <= 0), np.count_nonzero(d >= 0))
         out.append(Difference(
             model_a=reference, model_b=b, difference=float(estimate[reference] - estimate[b]),
-            low=float(low), high=float(high), p_value=min(1.0, 2 * (tail + 1) / (B + 1)),
+            low=float(low), high=float(high), p_value=bootstrap_p_value(d),
             test="bootstrap-paired", n=x.shape[0],
         ))
     return out
@@ -402,6 +400,14 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> float:
     if b01 + b10 == 0:
         return 1.0
     return float(min(1.0, 2 * stats.binom.cdf(min(b01, b10), b01 + b10, 0.5)))
+
+
+def bootstrap_p_value(resampled_differences) -> float:
+    """Two-sided bootstrap p of resampled differences d* [B]:
+    min(1, 2 min(#{d* <= 0} + 1, #{d* >= 0} + 1) / (B + 1)) (the +1 keeps p above 0 with finite B)."""
+    d = np.asarray(resampled_differences, dtype=np.float64)
+    tail = min(np.count_nonzero(d <= 0), np.count_nonzero(d >= 0))
+    return float(min(1.0, 2 * (tail + 1) / (len(d) + 1)))
 
 
 def holm(p_values) -> np.ndarray:

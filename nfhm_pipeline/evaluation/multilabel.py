@@ -18,6 +18,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from nfhm_pipeline.errors import EvaluationError
+from nfhm_pipeline.evaluation.vectors import unit_rows
 from nfhm_pipeline.evaluation.names import MACRO_AUC, MICRO_AUC, N_LABELS_DEFINED
 
 _NO_FINDING_PROMPTS = ("chest x-ray with no findings", "chest x-ray with abnormal findings")
@@ -139,14 +140,6 @@ def prompt_pair(finding: str) -> tuple[str, str]:
     return f"chest x-ray showing {f}", f"chest x-ray with no {f}"
 
 
-def _unit(a) -> np.ndarray:
-    a = np.asarray(a, dtype=np.float64)
-    norm = np.linalg.norm(a, axis=-1, keepdims=True)
-    if np.any(norm == 0) or not np.all(np.isfinite(a)):
-        raise EvaluationError("embeddings contain zero vectors or non-finite values; cosine is undefined")
-    return a / norm
-
-
 def cosine_margin(image_emb, pos_text_emb, neg_text_emb) -> np.ndarray:
     """cos(image, positive prompt) - cos(image, negative prompt), float64 [N, F].
 
@@ -155,7 +148,9 @@ def cosine_margin(image_emb, pos_text_emb, neg_text_emb) -> np.ndarray:
     one T for every label, so the margin ranks images exactly as the probability does, also when
     pooled across labels (micro AUC), and without the ties a saturated sigmoid would create.
     """
-    v, p, n = _unit(image_emb), _unit(pos_text_emb), _unit(neg_text_emb)
+    v, p, n = (unit_rows(image_emb, "image embeddings", non_empty=False),
+               unit_rows(pos_text_emb, "positive prompt embeddings", non_empty=False),
+               unit_rows(neg_text_emb, "negative prompt embeddings", non_empty=False))
     if p.shape != n.shape or v.shape[1] != p.shape[1]:
         raise EvaluationError(f"image {v.shape}, positive {p.shape} and negative {n.shape} prompt embeddings do not fit")
     return v @ p.T - v @ n.T
@@ -196,9 +191,10 @@ def auc_difference_table(
     diff < -threshold, 'same' otherwise, and 'n/a' where either AUC is missing. The default
     threshold 0.005 is 0.5 percentage points of AUC.
 
-    With ``p_values`` (label -> two-sided p of a paired test of the two AUCs, e.g. DeLong's): a
-    difference beyond the threshold is 'better' / 'worse' only when its p < ``alpha``; otherwise it
-    is 'not significant', or 'untested' for a label without a p-value (the macro and micro rows).
+    With ``p_values`` (label -> two-sided p of a paired test of the two AUCs: DeLong's per label, the
+    paired bootstrap's for the ``macro_auc`` / ``micro_auc`` rows): a difference beyond the threshold
+    is 'better' / 'worse' only when its p < ``alpha``; otherwise it is 'not significant', or
+    'untested' for a row without a p-value (e.g. macro and micro when no bootstrap row was stored).
     Column ``p_value`` holds the p-values (NaN without). Rows follow a's label order, then labels
     only in b. The names, threshold and whether p-values were given are kept in `table.attrs` for
     `auc_difference_html`.
@@ -253,7 +249,7 @@ def auc_difference_html(table: pd.DataFrame) -> str:
     def p_cell(x: float) -> str:
         return "&ndash;" if pd.isna(x) else ("&lt;0.0001" if x < 1e-4 else f"{x:.4f}")
 
-    p_head = "<th>p (DeLong, paired)</th>" if tested else ""
+    p_head = "<th>p (paired)</th>" if tested else ""
     lines = [
         '<table class="auc-difference">',
         f"<thead><tr><th>label</th><th>{name_a}</th><th>{name_b}</th><th>{name_b} &minus; {name_a}</th>"
@@ -278,7 +274,8 @@ def auc_difference_html(table: pd.DataFrame) -> str:
         points = 100 * float(table.attrs.get("threshold", 0.005))
         alpha = float(table.attrs.get("alpha", 0.05))
         lines.append(f'<p class="auc-difference-rule">Green / red: {name_b} better / worse by more than '
-                     f"{points:g} points of AUC and DeLong's paired test p &lt; {alpha:g} on the same test images; "
-                     "grey: no detectable difference (within the threshold, not significant, or no test: macro "
-                     "and micro AUC are not tested).</p>")
+                     f"{points:g} points of AUC and a paired test p &lt; {alpha:g} on the same test images "
+                     "(DeLong's per label; a paired bootstrap over the test images for macro and micro AUC); "
+                     "grey: no detectable difference (within the threshold, not significant, or no test "
+                     "stored).</p>")
     return "\n".join(lines)

@@ -221,7 +221,8 @@ def add_auc_comparisons(report: ComparisonReport, metrics: pd.DataFrame,
     """Seed 003's per-label AUC difference tables: every model's probe against the first baseline,
     and each alignment head against zero-shot. With ``differences`` (the dataset's current
     ``model_differences`` rows) a difference is green (better) / red (worse) only beyond 0.5 points
-    AND with DeLong's paired p < 0.05, else grey (no detectable difference); without them, the
+    AND with a paired p < 0.05 (DeLong's per label, the paired bootstrap's for macro / micro AUC),
+    else grey (no detectable difference); without them, the
     seed's rule (beyond 0.5 points). Each is shown once in the HTML report (the coloured fragment);
     the plain table goes to the metadata only."""
     from nfhm_pipeline.evaluation.multilabel_tables import auc_difference_report
