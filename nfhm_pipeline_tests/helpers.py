@@ -202,3 +202,13 @@ def write_results(db: Path, dataset: str, model: str, tables, *, split_id: str |
             con.execute("UPDATE metrics SET created_at = ? WHERE dataset = ? AND model = ? AND run_id = ?",
                         [created_at, dataset, model, run_id])
     return stored
+
+
+# The tiny OpenCLIP model as a catalog's `models:` entry (2-space indented), built on first use.
+TINY_CLIP_YAML = """  tiny-clip:
+    loader: open_clip
+    build: tiny_openclip
+    model: nfhm-tiny-clip
+    pretrained: models/nfhm-tiny-clip-seed0.safetensors
+    seed: 0
+"""

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from conftest import local_resources
-from helpers import write_chexpert_collection
+from helpers import TINY_CLIP_YAML, write_chexpert_collection
 from nfhm_pipeline.evaluation.auc_differences import delong_differences, score_rows
 from nfhm_pipeline.evaluation.confidence import delong_paired_test
 from nfhm_pipeline.evaluation.multilabel import roc_auc_per_label
@@ -219,13 +219,7 @@ models:
   raw-pixels:
     loader: raw_pixels
     image_size: 8
-  tiny-clip:
-    loader: open_clip
-    build: tiny_openclip
-    model: nfhm-tiny-clip
-    pretrained: models/nfhm-tiny-clip-seed0.safetensors
-    seed: 0
-""")
+{TINY_CLIP_YAML}""")
     return path
 
 
@@ -437,13 +431,7 @@ models:
   raw-pixels-copy:
     loader: raw_pixels
     image_size: 8
-  tiny-clip:
-    loader: open_clip
-    build: tiny_openclip
-    model: nfhm-tiny-clip
-    pretrained: models/nfhm-tiny-clip-seed0.safetensors
-    seed: 0
-""")
+{TINY_CLIP_YAML}""")
     catalog = load_catalog(catalog_path)
     data_dir = root / "data"
     defs = build_definitions(catalog, local_resources(data_dir))

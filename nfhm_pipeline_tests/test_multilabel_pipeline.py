@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from conftest import local_resources
-from helpers import write_chexpert_collection
+from helpers import TINY_CLIP_YAML, write_chexpert_collection
 from nfhm_pipeline.catalog import load_catalog
 from nfhm_pipeline.definitions import build_definitions
 from nfhm_pipeline.errors import EvaluationError
@@ -27,14 +27,7 @@ from nfhm_pipeline.store import warehouse
 FINDINGS = ["Cardiomegaly", "Edema", "Pleural Effusion", "Support Devices"]
 POLICIES = {"chest_ignore": "ignore", "chest_positive": "positive", "chest_negative": "negative"}
 N_IMAGES = 80
-TINY_CLIP = """
-  tiny-clip:
-    loader: open_clip
-    build: tiny_openclip
-    model: nfhm-tiny-clip
-    pretrained: models/nfhm-tiny-clip-seed0.safetensors
-    seed: 0
-"""
+TINY_CLIP = TINY_CLIP_YAML
 
 
 def write_collection(root: Path, seed: int = 7) -> Path:
