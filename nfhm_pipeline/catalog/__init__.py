@@ -11,8 +11,11 @@ which live under ``NFHM_DATA_DIR``.
 
 A dataset entry has the common fields ``reader``, ``labels`` (finest level first), ``group``,
 ``split``, ``prompts``, ``description``, ``uncertain_policy``, ``models``, ``umap``, ``seed``,
-``resamples`` and ``resample_by`` (what one bootstrap draw takes: ``image``, or the ``group`` /
-``split.group_by`` column; default: the leakage unit of a grouped split, else an image); ``umap`` is
+``resamples``, ``resample_by`` (what one bootstrap draw takes: ``image``, or the ``group`` /
+``split.group_by`` column; default: the leakage unit of a grouped split, else an image) and
+``probe_max_train`` (an integer ≥ 10; default none: the linear probes fit every train image, seed
+001's protocol; with more train images than that, they are fitted, CV and refit, on a stratified
+subsample of that many drawn with ``seed``, test images untouched); ``umap`` is
 ``{grid: default|seed}`` (seed 001's 10 × 5) or explicit ``n_neighbors`` / ``min_dist`` lists, plus
 ``max_points``,
 plus the fields of its reader (``nfhm_pipeline.ingest.registry.READERS``: which are required,
@@ -65,7 +68,8 @@ NEAR_DUPLICATE_ACTIONS = ("keep", "drop", "group")
 UNCERTAIN_POLICIES = {"ignore", "positive", "negative"}
 PROMPT_SETS = tuple(TEMPLATE_SETS)  # declared once, with their templates, in evaluation/prompts.py
 _DATASET_FIELDS = {"reader", "labels", "group", "split", "prompts", "description",
-                   "uncertain_policy", "models", "umap", "seed", "resamples", "resample_by"}
+                   "uncertain_policy", "models", "umap", "seed", "resamples", "resample_by",
+                   "probe_max_train"}
 _SPLIT_FIELDS = {"test_fraction", "seed", "folds", "grouped", "group_by", "max_group_share",
                  "near_duplicates", "near_duplicate_distance"}
 # The maps' grid: a named one (nfhm_pipeline.reports.maps.GRIDS: "default" 3 x 2, "seed" = seed 001's
@@ -128,6 +132,9 @@ class DatasetSpec:
     # image; "image" → one image even in a grouped split; the `group` or `split.group_by` column →
     # all images sharing its value (images without one are their own unit).
     resample_by: str | None = None
+    # Linear probes on a stratified subsample of at most this many train images (CV folds and the
+    # refit; test images never), drawn with ``seed``. None: every train image (seed 001's protocol).
+    probe_max_train: int | None = None
 
     def __post_init__(self):
         if self.multilabel and not self.findings:
@@ -486,14 +493,28 @@ def _parse_dataset(name: Any, entry: Any, path: Path, models: dict[str, ModelSpe
         raise CatalogError(f"{where}: field 'resamples' must be a whole number from 100 to 100000 (bootstrap "
                            f"resamples behind every interval), got {resamples!r}")
     resample_by = _check_resample_by(entry.get("resample_by"), group, split, where)
+    probe_max_train = _check_probe_max_train(entry.get("probe_max_train"), where)
     params = {k: _expand_paths(k, v, path, record.path_fields) for k, v in entry.items() if k in record.fields}
     return DatasetSpec(
         name=name, reader=reader, params=params, labels=tuple(labels), group=group, split=split,
         prompts=prompts, description=_text(entry.get("description", ""), f"{where}: field 'description'"),
         multilabel=record.multilabel, uncertain_policy=policy, models=model_keys,
         umap=_parse_umap(entry.get("umap") or {}, where), findings=findings, seed=seed,
-        resamples=resamples, resample_by=resample_by,
+        resamples=resamples, resample_by=resample_by, probe_max_train=probe_max_train,
     )
+
+
+def _check_probe_max_train(value: Any, where: str) -> int | None:
+    """``probe_max_train``: None (fit every train image) or a whole number of train images ≥ 10."""
+    from nfhm_pipeline.evaluation.linear_probe import MIN_PROBE_TRAIN
+
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < MIN_PROBE_TRAIN:
+        raise CatalogError(f"{where}: field 'probe_max_train' must be a whole number of train images, at least "
+                           f"{MIN_PROBE_TRAIN} (the linear probes fit a stratified subsample of that many when "
+                           f"the train split is larger; leave it out to fit every train image), got {value!r}")
+    return value
 
 
 def _check_resample_by(value: Any, group: str | None, split: SplitSettings, where: str) -> str | None:

@@ -38,6 +38,11 @@ How the fits are solved (the answers are those of the settings above; only the s
 
 Every fit records its solver, iterations and whether it converged (:attr:`ProbeResult.fits`);
 the metrics rows carry them (:meth:`ProbeResult.metrics_frame`).
+
+**Very large train sets** (the catalog's ``probe_max_train``): the seed protocol fits every train
+image. Past a stated size the probe is fitted, CV folds and refit, on the stratified subsample
+:func:`stratified_subsample` draws (the test rows are never subsampled); every metrics row says
+how many train images were fitted (``train_n``) out of how many there were (``train_available``).
 """
 from __future__ import annotations
 
@@ -65,6 +70,8 @@ PARALLEL_MIN_VALUES = 500_000
 # Progress lines only once a probe call has run this long (a small probe stays quiet).
 LOG_AFTER_S = 3.0
 FIT_COLUMNS = ["fit", "n_fit", "solver", "iterations", "max_iter", "converged", "seconds"]
+# The smallest probe_max_train the catalog accepts (a few images per class and fold, at the least).
+MIN_PROBE_TRAIN = 10
 
 
 @dataclass(frozen=True)
@@ -96,9 +103,13 @@ class ProbeResult:
     fits: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=FIT_COLUMNS))
 
     def metrics_frame(self) -> pd.DataFrame:
-        """Long table (metric, value, std, n, iterations, converged) matching the warehouse
-        ``metrics`` columns. CV rows: the most iterations any fold took, and converged only when
-        every fold did; test rows: the refit's."""
+        """Long table (metric, value, std, n, iterations, converged, train_n, train_available)
+        matching the warehouse ``metrics`` columns. CV rows: the most iterations any fold took,
+        and converged only when every fold did; test rows: the refit's. ``train_n``: the train
+        rows fitted (the CV folds together; the refit), on every row; ``train_available``: the
+        train rows there were, here ``train_n`` (a caller that gave a subsample, as the
+        linear_probe_metrics stage does, puts the full count there: a smaller ``train_n`` then
+        says the probe was fitted on a subsample)."""
         folds = self.fits[self.fits["fit"] != "refit"]
         refit = self.fits[self.fits["fit"] == "refit"]
         cv_iter, cv_conv = int(folds["iterations"].max()), bool(folds["converged"].all())
@@ -111,6 +122,8 @@ class ProbeResult:
                 "n": [self.n_train, self.n_train, self.n_test, self.n_test],
                 "iterations": pd.array([cv_iter, cv_iter, test_iter, test_iter], dtype="Int64"),
                 "converged": pd.array([cv_conv, cv_conv, test_conv, test_conv], dtype="boolean"),
+                "train_n": pd.array([self.n_train] * 4, dtype="Int64"),
+                "train_available": pd.array([self.n_train] * 4, dtype="Int64"),
             }
         )
 
@@ -228,6 +241,79 @@ def run_probes(jobs: Sequence[ProbeJob], *, n_jobs: int | None = None, log: Call
     for i, job in enumerate(checked):
         results.append(job if isinstance(job, EvaluationError) else _result(i, job, outcomes))
     return results
+
+
+def stratified_subsample(labels: np.ndarray, max_n: int, *, seed: int = 0,
+                         spread: np.ndarray | None = None, level: str = "label") -> np.ndarray:
+    """Positions (sorted, int64) of at most ``max_n`` rows of ``labels``, stratified by label;
+    every position when there are no more than ``max_n`` rows.
+
+    How many per class (N rows, class c with n_c of them, M = ``max_n``):
+
+    1. the proportional share ``M · n_c / N``, rounded by largest remainder (ties: the class
+       first in sorted order), so the quotas sum to M and each is within 1 of its exact share;
+    2. raised to a floor of ``min(n_c, 2)`` (``min(n_c, 1)`` when 2 per class would not fit
+       in M), so every class stays present and, where it has 2 images, in two CV folds;
+    3. the images the floors added are taken back one at a time from the class holding the most
+       images above its floor (ties: the class first in sorted order), so the total is M.
+
+    Which images: a permutation of each class's rows drawn from ``numpy.random.default_rng(seed)``
+    (classes in sorted order, so the draw depends on the labels, their row order and the seed
+    only). With ``spread`` (e.g. the CV fold id per row) a class's picks go round the spread
+    values: every value's first image, then every value's second..., so a class's subsample is
+    spread over the folds within 1 image where the folds hold enough of it. Raises
+    :class:`EvaluationError` when there are more classes than M (``level`` names them).
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    if isinstance(max_n, bool) or int(max_n) != max_n or max_n < 1:
+        raise EvaluationError(f"max_n must be a positive whole number of train rows, got {max_n!r}.")
+    max_n = int(max_n)
+    if n <= max_n:
+        return np.arange(n, dtype=np.int64)
+    classes, codes = np.unique(labels, return_inverse=True)
+    codes = codes.reshape(-1)
+    counts = np.bincount(codes, minlength=len(classes))
+    quotas = _subsample_quotas(counts, max_n, level)
+    rng = np.random.default_rng(seed)
+    spread = None if spread is None else np.asarray(spread).reshape(-1)
+    chosen = []
+    by_class = np.argsort(codes, kind="stable")  # each class's rows in increasing position
+    ends = np.cumsum(counts)
+    for c in range(len(classes)):
+        rows = rng.permutation(by_class[ends[c] - counts[c]:ends[c]])
+        if spread is not None:  # round-robin over the spread values, in the permuted order
+            _, values = np.unique(spread[rows], return_inverse=True)
+            values = values.reshape(-1)
+            rank = np.empty(len(rows), dtype=np.int64)
+            for v in np.unique(values):
+                at = np.flatnonzero(values == v)
+                rank[at] = np.arange(len(at))
+            rows = rows[np.argsort(rank, kind="stable")]
+        chosen.append(rows[:quotas[c]])
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def _subsample_quotas(counts: np.ndarray, max_n: int, level: str) -> np.ndarray:
+    """Images per class for :func:`stratified_subsample` (steps 1-3 of its docstring)."""
+    if len(counts) > max_n:
+        raise EvaluationError(
+            f"A train subsample of {max_n} images cannot keep all {len(counts)} classes of level {level!r}; "
+            f"raise the dataset's probe_max_train to at least {len(counts)} (or leave it out to fit every "
+            "train image).")
+    floor = np.minimum(counts, 2)
+    if floor.sum() > max_n:
+        floor = np.minimum(counts, 1)
+    exact = max_n * counts / counts.sum()
+    quotas = np.floor(exact).astype(np.int64)
+    short = max_n - int(quotas.sum())
+    if short:
+        # largest remainder first; a stable sort keeps sorted class order among equal remainders
+        quotas[np.argsort(-(exact - quotas), kind="stable")[:short]] += 1
+    quotas = np.maximum(quotas, floor)
+    for _ in range(int(quotas.sum()) - max_n):
+        quotas[int(np.argmax(quotas - floor))] -= 1
+    return quotas
 
 
 def build_probe(classifier: Classifier, n_fit: int, seed: int = 0, n_features: int | None = None):

@@ -56,7 +56,10 @@ WAREHOUSE_TABLES: dict[str, tuple[Column, ...]] = {
         # 95 % interval of value and how it was made (bootstrap-paired, wilson, cv-std, ...); NULL: none
         Column("ci_low", DOUBLE), Column("ci_high", DOUBLE), Column("ci_method", VARCHAR),
         # probe rows: solver iterations (CV rows: the slowest fold) and whether every fit converged; NULL otherwise
-        Column("iterations", INTEGER), Column("converged", BOOLEAN)),
+        Column("iterations", INTEGER), Column("converged", BOOLEAN),
+        # probe rows: train images fitted (CV folds together; the refit) and train images there were;
+        # train_n < train_available: fitted on a stratified subsample (catalog probe_max_train)
+        Column("train_n", BIGINT), Column("train_available", BIGINT)),
     "per_class_metrics": (
         _key("dataset"), _key("model"), _key("task"), Column("level", VARCHAR), Column("grp", VARCHAR),
         Column("rule", VARCHAR), Column("class", VARCHAR), Column("support", BIGINT),
