@@ -11,7 +11,7 @@ export DAGSTER_HOME := $(CURDIR)/dagster_home
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,deploy]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,deploy,ray]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -15,11 +15,14 @@ from nfhm_pipeline.resources import default_resources
 
 def build_definitions(catalog: Catalog | None = None, resources: dict | None = None) -> dg.Definitions:
     catalog = catalog or load_catalog()
-    assets = [a for spec in catalog.datasets.values() for a in dataset_assets(catalog, spec)]
+    resources = resources or default_resources()
+    # A `ray_cluster` resource (NFHM_ENGINE=ray) puts the image embeddings on the ray engine.
+    ray = "ray_cluster" in resources
+    assets = [a for spec in catalog.datasets.values() for a in dataset_assets(catalog, spec, ray=ray)]
     schedules, sensors, jobs = automation_defs(catalog)
     return dg.Definitions(
         assets=assets, schedules=schedules, sensors=sensors, jobs=jobs,
-        resources=resources or default_resources(),
+        resources=resources,
     )
 
 

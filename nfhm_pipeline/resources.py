@@ -69,6 +69,7 @@ class TorchDevice(dg.ConfigurableResource):
     batch_size: int = 64
     num_workers: int = 2
     checkpoint_images: int = 1024  # images per checkpoint part: a killed run loses at most this many
+    ray_actors: int = 1  # embedding actors when the ray engine runs (NFHM_RAY_ACTORS): one per GPU
 
     def resolve(self) -> str:
         import torch
@@ -88,7 +89,7 @@ class TorchDevice(dg.ConfigurableResource):
         torch, for stages that never touch it) and the batching settings."""
         return Device(name=self.resolve() if resolve else "cpu", precision=self.precision,
                       batch_size=self.batch_size, num_workers=self.num_workers,
-                      checkpoint_images=self.checkpoint_images)
+                      checkpoint_images=self.checkpoint_images, ray_actors=self.ray_actors)
 
 
 def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
@@ -119,7 +120,10 @@ def default_resources() -> dict:
     batch_size = _env_int("NFHM_BATCH_SIZE", 64, 1)
     num_workers = _env_int("NFHM_LOADER_WORKERS", 2, 0)
     checkpoint_images = _env_int("NFHM_CHECKPOINT_IMAGES", 1024, 1)
+    engine = _env_choice("NFHM_ENGINE", "local", ("local", "ray"))
+    ray_actors = _env_int("NFHM_RAY_ACTORS", 1, 1)
     return {
+        **({"ray_cluster": ray_cluster_resource()} if engine == "ray" else {}),
         "storage": NfhmStorage(
             data_dir=dg.EnvVar("NFHM_DATA_DIR") if os.environ.get("NFHM_DATA_DIR") else default_data_dir(),
             storage_root=dg.EnvVar("NFHM_STORAGE_ROOT") if os.environ.get("NFHM_STORAGE_ROOT") else None,
@@ -128,5 +132,23 @@ def default_resources() -> dict:
             device=device,  # type: ignore[arg-type]
             precision=precision,  # type: ignore[arg-type]
             batch_size=batch_size, num_workers=num_workers, checkpoint_images=checkpoint_images,
+            ray_actors=ray_actors,
         ),
     }
+
+
+def ray_cluster_resource(**ray_init_options):
+    """dagster-ray's ``LocalRay`` resource: ``ray.init`` before each embedding step, so the step's
+    Ray Data job runs on a local Ray, or on the cluster ``RAY_ADDRESS`` names (Ray reads it).
+
+    For a KubeRay cluster per run, give ``dagster_ray.kuberay.KubeRayInteractiveJob`` (or any
+    dagster-ray ``RayResource``) as the ``ray_cluster`` resource instead (deploy/kuberay-embeddings-rayjob.yaml)."""
+    try:
+        from dagster_ray import LocalRay
+    except ImportError:
+        raise SettingsError("NFHM_ENGINE=ray needs the ray extra: pip install 'nfhm-pipeline[ray]' "
+                            "(ray and dagster-ray); or unset NFHM_ENGINE") from None
+    # ignore_reinit_error: a process that already joined Ray (a notebook, a test) keeps its session
+    options = {"include_dashboard": False, "logging_level": "warning", "ignore_reinit_error": True,
+               **ray_init_options}
+    return LocalRay(ray_init_options=options)

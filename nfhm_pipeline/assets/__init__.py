@@ -13,7 +13,7 @@ queue ``gpu`` (``dagster-celery/queue``). The multiprocess executor ignores both
 """
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Callable
@@ -54,6 +54,7 @@ class Stage:
     applies: Callable[[DatasetSpec], bool] = _always
     cron: str | None = None  # on_cron automation instead of eager
     op_tags: Callable[[], dict] | None = None  # read when the code location loads
+    ray_engine: bool = False  # runs on Ray Data when the definitions carry a `ray_cluster` resource
 
 
 def gpu_step_tags() -> dict:
@@ -89,7 +90,7 @@ def _comparison_deps(spec: DatasetSpec) -> tuple[str, ...]:
 STAGES: tuple[Stage, ...] = (
     Stage("image_manifest", manifest, (), frozenset({"parquet", "duckdb"}), partitioned=False),
     Stage("image_embeddings", image_embeddings, ("image_manifest",), frozenset({"pytorch", "parquet"}), pool="gpu",
-          op_tags=gpu_step_tags),
+          op_tags=gpu_step_tags, ray_engine=True),
     Stage("splits", splits, ("image_manifest",), frozenset({"duckdb"}), partitioned=False),
     Stage("text_embeddings", text_embeddings, _text_deps, frozenset({"pytorch", "parquet"}), pool="gpu",
           op_tags=gpu_step_tags),
@@ -108,13 +109,15 @@ STAGES: tuple[Stage, ...] = (
 )
 
 
-def dataset_assets(catalog: Catalog, spec: DatasetSpec) -> list[dg.AssetsDefinition]:
-    """Every asset of one dataset, keys ``[dataset, stage]``."""
+def dataset_assets(catalog: Catalog, spec: DatasetSpec, *, ray: bool = False) -> list[dg.AssetsDefinition]:
+    """Every asset of one dataset, keys ``[dataset, stage]``. ``ray``: the image embeddings run on
+    the ``ray`` engine, each step holding the ``ray_cluster`` resource (dagster-ray) while it runs."""
     partitions = dg.StaticPartitionsDefinition([m.key for m in catalog.models_for(spec.name)])
-    return [_asset(catalog, spec, stage, partitions) for stage in STAGES if stage.applies(spec)]
+    return [_asset(catalog, spec, stage, partitions, ray=ray and stage.ray_engine)
+            for stage in STAGES if stage.applies(spec)]
 
 
-def _asset(catalog: Catalog, spec: DatasetSpec, stage: Stage, partitions) -> dg.AssetsDefinition:
+def _asset(catalog: Catalog, spec: DatasetSpec, stage: Stage, partitions, *, ray: bool = False) -> dg.AssetsDefinition:
     key = dg.AssetKey([spec.name, stage.name])
     module = stage.module
     deps = stage.deps(spec) if callable(stage.deps) else stage.deps
@@ -122,19 +125,36 @@ def _asset(catalog: Catalog, spec: DatasetSpec, stage: Stage, partitions) -> dg.
     checks = [dg.AssetCheckSpec(c.name, asset=key, blocking=c.blocking, description=c.description)
               for c in getattr(module, "CHECKS", ())]
 
-    @dg.asset(key=key, group_name=spec.name, kinds=set(stage.kinds), pool=stage.pool,
-              partitions_def=partitions if stage.partitioned else None,
-              deps=[dg.AssetKey([spec.name, d]) for d in deps], check_specs=checks or None,
-              automation_condition=dg.AutomationCondition.on_cron(stage.cron) if stage.cron else EAGER(),
-              description=describe(spec) if describe else module.DESCRIPTION,
-              op_tags=stage.op_tags() if stage.op_tags else None)
-    def _stage_asset(context: dg.AssetExecutionContext, storage: NfhmStorage,
-                     torch_device: TorchDevice) -> dg.MaterializeResult:
+    decorate = dg.asset(key=key, group_name=spec.name, kinds=set(stage.kinds), pool=stage.pool,
+                        partitions_def=partitions if stage.partitioned else None,
+                        deps=[dg.AssetKey([spec.name, d]) for d in deps], check_specs=checks or None,
+                        automation_condition=dg.AutomationCondition.on_cron(stage.cron) if stage.cron else EAGER(),
+                        description=describe(spec) if describe else module.DESCRIPTION,
+                        op_tags=stage.op_tags() if stage.op_tags else None)
+
+    def run_stage(context: dg.AssetExecutionContext, storage: NfhmStorage, torch_device: TorchDevice,
+                  engine: str = "local") -> dg.MaterializeResult:
         model = catalog.models[context.partition_key] if stage.partitioned else None
         # Only the stages that run torch resolve the device (resolving imports torch).
         device = torch_device.settings() if stage.pool == "gpu" else torch_device.settings(resolve=False)
+        device = replace(device, engine=engine)
         result = module.run(spec, model, storage.paths(), device, run_id=context.run_id, log=context.log.info)
         return materialize_result(result)
+
+    if ray:
+        from dagster_ray import RayResource
+
+        # Holding dagster-ray's resource connects the step to Ray (local, RAY_ADDRESS or KubeRay)
+        # before the stage runs; the stage's Ray Data job then uses that connection.
+        @decorate
+        def _stage_asset(context: dg.AssetExecutionContext, storage: NfhmStorage, torch_device: TorchDevice,
+                         ray_cluster: RayResource) -> dg.MaterializeResult:
+            return run_stage(context, storage, torch_device, engine="ray")
+    else:
+        @decorate
+        def _stage_asset(context: dg.AssetExecutionContext, storage: NfhmStorage,
+                         torch_device: TorchDevice) -> dg.MaterializeResult:
+            return run_stage(context, storage, torch_device)
 
     return _stage_asset
 

@@ -230,14 +230,17 @@ def load_key(spec: dict, *, precision: str = "fp32", cache_dir=None) -> str | No
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+_RUN_ONLY_MODULES = frozenset({"runtime.py", "ray_engine.py"})
+
+
 @functools.lru_cache(maxsize=1)
 def _package_source_digest() -> str:
     """sha256 over the source of the modules that build models and compute fingerprints (every module
-    of this package but runtime.py, which batches and stores): an edit costs one load, never a stale
-    fingerprint."""
+    of this package but the ones that only run models: runtime.py, which batches and stores, and
+    the ray engine): an edit costs one load, never a stale fingerprint."""
     h = hashlib.sha256()
     for path in sorted(Path(__file__).parent.glob("*.py")):
-        if path.name != "runtime.py":
+        if path.name not in _RUN_ONLY_MODULES:
             h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
 

@@ -76,6 +76,8 @@ class Device:
     batch_size: int = 64
     num_workers: int = 2
     checkpoint_images: int = 1024  # images per checkpoint part: a killed run loses at most this many
+    engine: str = "local"  # image embedding in this process, or "ray": Ray Data actors (embedders/ray_engine.py)
+    ray_actors: int = 1  # actors of the ray engine (one per GPU on a GPU cluster)
 
 
 # --- what a stage returns -----------------------------------------------------------------------

@@ -107,6 +107,8 @@ def run(dataset, model, paths: Paths, device: Device, *, run_id: str | None = No
         settings = EmbedSettings(batch_size=device.batch_size, num_workers=0, device=device.name,
                                  chunk_size=device.checkpoint_images)
         declared_dim = facts.dim
+    elif device.engine == "ray":
+        report, settings, declared_dim = _embed_on_ray(dataset, model, manifest, spec, paths, device, timings, log)
     else:
         embedder = load_model(model, paths, device, spec)
         device_name = str(embedder.device)
@@ -160,3 +162,43 @@ def run(dataset, model, paths: Paths, device: Device, *, run_id: str | None = No
                          {"stored": report.dim, "declared": declared_dim}),
         ],
     )
+
+
+# Images per Ray Data job: each job starts its actor pool and loads the model in every actor
+# (benchmarks/ray_overhead.py), so it takes many checkpoints' worth; a killed worker is retried
+# inside the job, and a killed driver still keeps every part written before.
+RAY_CHUNK_IMAGES = 16_384
+
+
+def _embed_on_ray(dataset, model, manifest, spec: dict, paths: Paths, device: Device, timings, log: Log):
+    """The ``ray`` engine: the forward passes run in ``device.ray_actors`` Ray actors
+    (``embedders.ray_engine``) on the Ray this process is connected to; parts are written here."""
+    from nfhm_pipeline import progress
+    from nfhm_pipeline.embedders.ray_engine import connect_ray, ray_embed_chunk
+    from nfhm_pipeline.embedders.runtime import EmbedSettings
+
+    address = connect_ray()  # reuses the Ray the ray_cluster resource (or the caller) joined
+    # The driver needs the fingerprint the actors must reproduce; a CPU load keeps the GPUs for them.
+    embedder = load_model(model, paths, Device("cpu", precision=device.precision), spec)
+    cuda = device.name.startswith("cuda")
+    settings = EmbedSettings(batch_size=device.batch_size, num_workers=0, device=f"ray:{device.name}",
+                             chunk_size=max(device.checkpoint_images, RAY_CHUNK_IMAGES))
+    image_ids = manifest["image_id"].astype(str).tolist()
+    label = f"{dataset.name}/{model.key}"
+    todo = paths.lake.pending(dataset.name, model.key, image_ids, embedder.fingerprint)
+    log(f"{label}: embedding {todo} image(s) on Ray at {address} with {device.ray_actors} actor(s) on {device.name}")
+    meter = progress.ProgressMeter(todo, label=f"{label} embedding", log=log,
+                                   bar=progress.console_bar(todo, label)) if todo else None
+    chunk = ray_embed_chunk(spec, model.key, image_ids, manifest["uri"].astype(str).tolist(),
+                            expected_fingerprint=embedder.fingerprint, device=device.name,
+                            precision=device.precision, batch_size=device.batch_size,
+                            num_gpus_per_actor=1 if cuda else 0, concurrency=device.ray_actors,
+                            jpeg_draft=bool(getattr(model, "jpeg_draft", False)), dataset=dataset.name,
+                            on_images=meter.update if meter else None, timings=timings)
+    try:
+        report = paths.lake.embed_incrementally(dataset.name, model.key, image_ids, embedder.fingerprint, chunk,
+                                                chunk_size=settings.chunk_size)
+    finally:
+        if meter is not None:
+            meter.close()
+    return report, settings, int(embedder.dim)
