@@ -376,11 +376,12 @@ class EmbeddingStore:
         paths = self.part_paths(dataset, model) if self.read_fingerprint(dataset, model) == fingerprint else []
         return paths + [p for p, _ in self._leftovers(dataset, model, fingerprint)]
 
-    def _leftovers(self, dataset: str, model: str, fingerprint: str) -> list[tuple[str, str | None]]:
+    def _leftovers(self, dataset: str, model: str, fingerprint: str,
+                   index: _Index | None = None) -> list[tuple[str, str | None]]:
         """(path, shard or None) of parts no index names that carry ``fingerprint``: ``_staging/``
         (local), unindexed parts (object storage), and checkpoints of the single-file layout."""
         folder = self.folder(dataset, model)
-        index = self._read_index(dataset, model)
+        index = index if index is not None else self._read_index(dataset, model)
         indexed = {p.file for p in index.parts} if index is not None else set()
         out = []
         for info in self._list(folder, recursive=True):
@@ -439,7 +440,7 @@ class EmbeddingStore:
         kept = {p.shard: p for p in old_parts} if same and index.shard_digits == digits else {}
         folder = self.folder(dataset, model)
         leftovers = [] if _replace else [
-            (path, shard, set(_read_ids(self.fs, path))) for path, shard in self._leftovers(dataset, model, fingerprint)]
+            (path, shard, set(_read_ids(self.fs, path))) for path, shard in self._leftovers(dataset, model, fingerprint, index)]
 
         counts = {"reused": 0, "resumed": 0, "removed": 0, "written": 0}
         old_ids: dict[str, set[str]] = {}
