@@ -27,8 +27,11 @@ second one, on CPU only a cache-sized chunk of it), four [test block, n_classes]
 the n_classes x dim class means and a few floats per train and test row; neither the train nor
 the test vectors are copied whole (with one train block, the default up to ``_TRAIN_BLOCK``
 train rows, that block is kept for the call; on CUDA the unit train vectors stay on the device
-when they fit in ``_DEVICE_TRAIN_CACHE_BYTES``). On CPU, each train block is gathered again for
-every test block, and the passes after each product run over a few rows at a time in cache.
+when they fit in ``_DEVICE_TRAIN_CACHE_BYTES``, on CPU in ``_CPU_TRAIN_CACHE_BYTES`` of host memory;
+past that each train block is gathered again for every test block). On CPU the product is taken
+transposed, [train block, test block], and the passes after it run in one compiled loop
+(``knn_kernels``, numba) on every core, or, without numba, as numpy passes over a few rows at a
+time in cache. The per-rule ranking and float64 repair of a test block run on a thread per rule.
 
 float32 may reorder nearly tied classes, so each row whose top k+1 class scores lie closer than a
 proven float32 error bound is ranked again in float64 over the classes that could still be in
@@ -45,6 +48,7 @@ from typing import Callable
 import numpy as np
 
 from nfhm_pipeline.errors import EvaluationError
+from nfhm_pipeline.evaluation import knn_kernels
 from nfhm_pipeline.evaluation.names import (KNN_L2_RULES, KNN_RULES, MEAN_COSINE, MEAN_EUCLIDEAN,
                                            MEAN_EUCLIDEAN_L2, TOP1_COSINE, TOP1_EUCLIDEAN, TOP1_EUCLIDEAN_L2)
 
@@ -54,6 +58,9 @@ _U = 2.0**-24  # unit roundoff of float32
 _TRAIN_BLOCK = 1 << 16  # default train rows per block: up to this many, one block (the unblocked computation)
 _CPU_TRAIN_BLOCK = 1 << 14  # default train rows per block on CPU past _TRAIN_BLOCK
 _DEVICE_TRAIN_CACHE_BYTES = 8 << 30  # CUDA: unit train vectors kept on the device up to this size
+# CPU: unit train vectors kept between test blocks up to this size (else gathered again per test
+# block: at 300k x 512 that gathering cost a tenth of the kNN time)
+_CPU_TRAIN_CACHE_BYTES = 1 << 30
 _CPU_CHUNK = 1 << 18  # CPU: elements of one chunk of the passes after a product (1 MiB of float32: in L2)
 
 
@@ -222,8 +229,8 @@ def _rank_classes_fp32(train, train_labels, test, ks, variants, block_size, trai
 
     block_size, train_block = block_sizes(n_train, Q.shape[0], n_classes, dev.type, block_size, train_block_size)
     n_test_blocks = -(-Q.shape[0] // block_size)
-    cache = n_test_blocks > 1 and (train_block == n_train or (
-        dev.type == "cuda" and n_train * dim * 4 <= _DEVICE_TRAIN_CACHE_BYTES))
+    cache = n_test_blocks > 1 and (train_block == n_train or n_train * dim * 4 <= (
+        _DEVICE_TRAIN_CACHE_BYTES if dev.type == "cuda" else _CPU_TRAIN_CACHE_BYTES))
     blocks = _TrainBlocks(X, ctx, train_block, dev, cache)
     centroids = blocks.centroids()
     counts = ctx.counts.astype(np.float64)
@@ -239,6 +246,7 @@ def _rank_classes_fp32(train, train_labels, test, ks, variants, block_size, trai
     eps_rel_mean = (counts + 3) * _U
 
     S_buf = torch.empty(block_size * train_block, dtype=torch.float32, device=dev)
+    fused = dev.type == "cpu" and knn_kernels.available()  # the passes after each product in one loop
     E_buf = torch.empty(train_block * (block_size if dev.type != "cpu" else max(1, _CPU_CHUNK // train_block)),
                         dtype=torch.float32, device=dev)
 
@@ -261,40 +269,62 @@ def _rank_classes_fp32(train, train_labels, test, ks, variants, block_size, trai
             acc["sum_d_l2"] = np.empty((b, n_classes))
         for i in range(len(blocks)):
             T, tn, tt = blocks.unit(i)
-            # the one Gram product of the pair: |q| cos against the unit train vectors [b, w]
-            S = torch.matmul(q, T.T, out=S_buf[: b * len(tn)].view(b, len(tn)))
-            blocks.reduce(i, S, qn, qn_t, acc, E_buf)
+            if fused:  # transposed, [w, b]: a class is a run of rows, reduced along test rows
+                St = torch.matmul(T, q.T, out=S_buf[: b * len(tn)].view(len(tn), b))
+                blocks.reduce_fused(i, St.numpy(), qn, acc)
+            else:  # the one Gram product of the pair: |q| cos against the unit train vectors [b, w]
+                S = torch.matmul(q, T.T, out=S_buf[: b * len(tn)].view(b, len(tn)))
+                blocks.reduce(i, S, qn, qn_t, acc, E_buf)
             done += 1
             if progress is not None:
                 progress(done, total)
         best_s = acc["max_s"]
 
-        def settle(rule, score, err, top1=False):
-            """Rank by float32 class scores (larger is better, each off by at most err); rank again in
-            float64 the rows float32 cannot decide, over their candidate classes."""
-            ranking, flagged, mask = _settle(score, np.broadcast_to(err, score.shape), ks)
-            if len(flagged):
-                ranking[flagged] = (ctx.top1 if top1 else ctx.mean)(rule, rows[flagged], mask)
-            rankings[rule][rows] = ranking
-            n_exact[rule] += len(flagged)
-
+        jobs = []  # (rule, float32 class scores (larger is better), their error bound, top-1 rule?)
         best_cos = best_s / qn
-        settle(TOP1_COSINE, best_cos, eps_cos, top1=True)
+        jobs.append((TOP1_COSINE, best_cos, eps_cos, True))
         if "l2" in variants:  # unit vectors' distance falls as their cosine rises: same float32 order
-            settle(TOP1_EUCLIDEAN_L2, best_cos, eps_cos, top1=True)
-        settle(MEAN_COSINE, ((q / qn_t.float()) @ centroids.T).cpu().numpy(), eps_cos)
+            jobs.append((TOP1_EUCLIDEAN_L2, best_cos, eps_cos, True))
+        jobs.append((MEAN_COSINE, ((q / qn_t.float()) @ centroids.T).cpu().numpy(), eps_cos, False))
         if "raw" in variants:
             min_d2 = np.maximum(acc["min_e"] + qn**2, 0)
             e2 = 2 * qn * class_tmax * eps_cos + 12 * _U * (qn + class_tmax) ** 2
-            settle(TOP1_EUCLIDEAN, -min_d2, e2, top1=True)
+            jobs.append((TOP1_EUCLIDEAN, -min_d2, e2, True))
             mean_d = acc["sum_d"] / counts
-            settle(MEAN_EUCLIDEAN, -mean_d, _distance_error(min_d2, e2) + eps_rel_mean * mean_d)
+            jobs.append((MEAN_EUCLIDEAN, -mean_d, _distance_error(min_d2, e2) + eps_rel_mean * mean_d, False))
         if "l2" in variants:
             mean_d = acc["sum_d_l2"] / counts
             e2 = 2 * eps_cos + 48 * _U
             err = _distance_error(np.maximum(2 - 2 * best_cos, 0), e2) + eps_rel_mean * mean_d
-            settle(MEAN_EUCLIDEAN_L2, -mean_d, err)
+            jobs.append((MEAN_EUCLIDEAN_L2, -mean_d, err, False))
+
+        def settle(job):
+            """Rank by float32 class scores (each off by at most err); rank again in float64 the
+            rows float32 cannot decide, over their candidate classes."""
+            rule, score, err, top1 = job
+            ranking, flagged, mask = _settle(score, np.broadcast_to(err, score.shape), ks)
+            if len(flagged):
+                ranking[flagged] = (ctx.top1 if top1 else ctx.mean)(rule, rows[flagged], mask)
+            return rule, ranking, len(flagged)
+
+        # the rules are independent and numpy lets go of the GIL in their sorts and sums
+        for rule, ranking, n_flagged in _map_threads(settle, jobs):
+            rankings[rule][rows] = ranking
+            n_exact[rule] += n_flagged
     return ClassRanking(classes=classes, rankings=rankings, ks=ks, n_exact_rows=n_exact)
+
+
+def _map_threads(fn, items):
+    """``map(fn, items)`` on up to torch's thread count of threads (in order)."""
+    import torch
+
+    threads = min(len(items), torch.get_num_threads())
+    if threads <= 1:
+        return list(map(fn, items))
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="nfhm-knn-settle") as pool:
+        return list(pool.map(fn, items))
 
 
 class _TrainBlocks:
@@ -415,6 +445,22 @@ class _TrainBlocks:
         if "sum_d_l2" in acc:
             d = torch.mul(S, -2 / qn_t.float(), out=E).add_(2).clamp_(min=0).sqrt_()
             self.carry(i, acc["sum_d_l2"], segment(d, "sum"), np.add)
+
+    def reduce_fused(self, i: int, St: np.ndarray, qn: np.ndarray, acc: dict) -> None:
+        """``reduce`` for the transposed product ``St`` [w, b] of block i, on CPU through the
+        compiled loop of ``knn_kernels`` (same values, inside the same error bounds)."""
+        a, e = self.spans[i]
+        tn = self.tn_all[a:e].numpy()
+        qn32 = qn[:, 0].astype(np.float32)
+        mx, mn, sd, sl = knn_kernels.fused_reduce(St, self.local_starts[i], tn * tn, tn * np.float32(-2),
+                                                  qn32 * qn32, np.float32(-2) / qn32, "min_e" in acc,
+                                                  "sum_d_l2" in acc)
+        self.carry(i, acc["max_s"], mx.T, np.maximum)
+        if mn is not None:
+            self.carry(i, acc["min_e"], mn.T, np.minimum)
+            self.carry(i, acc["sum_d"], sd.T, np.add)
+        if sl is not None:
+            self.carry(i, acc["sum_d_l2"], sl.T, np.add)
 
     def carry(self, i: int, acc: np.ndarray, part: np.ndarray, combine) -> None:
         """Write block i's per-class reduction ``part`` into ``acc`` [b, n_classes], combining the

@@ -15,7 +15,9 @@ DESCRIPTION = ("Nearest-neighbour accuracy per label level and group: top-1 / me
 
 def run(dataset, model, paths: Paths, device: Device, *, run_id: str | None = None, log: Log = quiet) -> StageResult:
     from nfhm_pipeline.evaluation.tables import knn_tables
+    from nfhm_pipeline.reports.maps import use_numba_cache
 
+    use_numba_cache(paths.data_dir / "cache" / "numba")  # the compiled kNN passes, compiled once per machine
     inputs = load_evaluation_inputs(paths, dataset, model.key)
     tables = with_intervals(knn_tables(inputs.frame, inputs.vectors, dataset.labels, device=device.name),
                             dataset, inputs)
