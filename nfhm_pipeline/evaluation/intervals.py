@@ -85,7 +85,8 @@ def add_intervals(tables, frame: pd.DataFrame, *, seed: int, n_resamples: int = 
     """
     from nfhm_pipeline.evaluation.confidence import percentile_interval, resample_counts, wilson_interval
 
-    metrics, per_class, predictions = tables.frames()
+    metrics, per_class, _ = tables.frames(predictions=False)
+    blocks = tables.prediction_groups()  # one prediction block at a time, never all of them in one frame
     item_scores = getattr(tables, "item_scores", [])
     if len(metrics):
         metrics = metrics.assign(ci_low=np.nan, ci_high=np.nan, ci_method=None)
@@ -99,24 +100,23 @@ def add_intervals(tables, frame: pd.DataFrame, *, seed: int, n_resamples: int = 
                 counts_of[key] = resample_counts(len(ids), n_resamples, seed, groups=groups)
             return counts_of[key]
 
-        if len(predictions):
-            low = metrics["ci_low"].to_numpy(copy=True)
-            high = metrics["ci_high"].to_numpy(copy=True)
-            method = metrics["ci_method"].to_numpy(copy=True)
-            for (task, lvl, grp, rule), rows in predictions.groupby(["task", "level", "grp", "rule"], sort=False):
-                wanted = _metric_names(task, rule)
-                if wanted is None or len(rows) == 0:
+        low = metrics["ci_low"].to_numpy(copy=True)
+        high = metrics["ci_high"].to_numpy(copy=True)
+        method = metrics["ci_method"].to_numpy(copy=True)
+        for (task, lvl, grp, rule), rows in blocks:
+            wanted = _metric_names(task, rule)
+            if wanted is None or len(rows) == 0:
+                continue
+            ids = rows["image_id"].astype(str).to_numpy()
+            scores = resampled_scores(rows["true_label"].to_numpy(), rows["predicted_label"].to_numpy(),
+                                      counts_for(lvl, grp, ids, True))
+            for statistic, metric in wanted.items():
+                i = where.get((task, lvl, grp, metric))
+                if i is None:
                     continue
-                ids = rows["image_id"].astype(str).to_numpy()
-                scores = resampled_scores(rows["true_label"].to_numpy(), rows["predicted_label"].to_numpy(),
-                                          counts_for(lvl, grp, ids, True))
-                for statistic, metric in wanted.items():
-                    i = where.get((task, lvl, grp, metric))
-                    if i is None:
-                        continue
-                    lo, hi = percentile_interval(scores[statistic][:, None], level)
-                    low[i], high[i], method[i] = float(lo[0]), float(hi[0]), METHOD
-            metrics = metrics.assign(ci_low=low, ci_high=high, ci_method=method)
+                lo, hi = percentile_interval(scores[statistic][:, None], level)
+                low[i], high[i], method[i] = float(lo[0]), float(hi[0]), METHOD
+        metrics = metrics.assign(ci_low=low, ci_high=high, ci_method=method)
         if item_scores:  # zero-shot hits, retrieval P@K / R@K per query: the metric is their mean
             low = metrics["ci_low"].to_numpy(copy=True)
             high = metrics["ci_high"].to_numpy(copy=True)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from nfhm_pipeline.evaluation.classification import per_class_report, summarize_predictions, topk_accuracy
 from nfhm_pipeline.evaluation import names
@@ -57,7 +58,9 @@ class ItemScores:
 class EvalTables:
     metrics: list[pd.DataFrame] = field(default_factory=list)
     per_class: list[pd.DataFrame] = field(default_factory=list)
-    predictions: list[pd.DataFrame] = field(default_factory=list)
+    # one Arrow table per (task, level, grp, rule) block (:func:`prediction_part`): at a million test
+    # images x levels x rules they are written one by one, never concatenated (issue 15)
+    predictions: list[pa.Table] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # one sentence per (level, group) left out
     # rows (task, level, image_id, split, reason) left out of a level's evaluation, or not predicted
     exclusions: list[pd.DataFrame] = field(default_factory=list)
@@ -66,10 +69,20 @@ class EvalTables:
     # metrics that are means over items without a row in `predictions` (zero-shot, retrieval)
     item_scores: list[ItemScores] = field(default_factory=list)
 
-    def frames(self) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    def frames(self, *, predictions: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+        """metrics, per_class and (unless ``predictions`` is False: an empty frame) every prediction
+        block in one pandas frame; fine for a test, not for a million images (see ``predictions``)."""
         def cat(parts):
             return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-        return cat(self.metrics), cat(self.per_class), cat(self.predictions)
+        preds = cat([prediction_frame(part) for part in self.predictions]) if predictions else pd.DataFrame()
+        return cat(self.metrics), cat(self.per_class), preds
+
+    def prediction_groups(self):
+        """((task, level, grp, rule), pandas frame of its rows) per prediction block, one at a time."""
+        for part in self.predictions:
+            if part.num_rows:
+                frame = prediction_frame(part)
+                yield tuple(frame[c].iat[0] for c in PREDICTION_KEY), frame
 
     def exclusions_frame(self) -> pd.DataFrame:
         parts = [p for p in self.exclusions if len(p)]
@@ -94,6 +107,55 @@ class EvalTables:
         examples = frame.drop_duplicates(["level", "reason", "image_id"]).head(10)
         return {"counts": summary, "examples": [f"{r.level}/{r.reason}: {r.image_id} ({r.split})"
                                                  for r in examples.itertuples()]}
+
+
+PREDICTION_KEY = ("task", "level", "grp", "rule")
+
+
+def _constant(value: str, n: int) -> pa.DictionaryArray:
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int8)), pa.array([value], pa.string()))
+
+
+def prediction_part(task: str, level: str, grp: str, rule: str, image_ids, true, predicted) -> pa.Table:
+    """One (task, level, grp, rule) block of ``predictions`` as an Arrow table. The key columns are
+    one-entry dictionaries (1 byte a row) and the labels dictionary-encoded (4 bytes a row), and
+    ``image_ids`` may be one Arrow array shared by every rule's block: a million rows cost ~14 bytes
+    each beyond it, where a pandas frame of Python strings costs 8 bytes a cell and a copy at every
+    concat. ``predicted`` may hold None (no prediction)."""
+    ids = image_ids if isinstance(image_ids, (pa.Array, pa.ChunkedArray)) else pa.array(np.asarray(image_ids).astype(str))
+    n = len(ids)
+    columns = {key: _constant(value, n) for key, value in zip(PREDICTION_KEY, (task, level, grp, rule))}
+    columns["image_id"] = ids
+    columns["true_label"] = pa.array(np.asarray(true, dtype=object), pa.string()).dictionary_encode()
+    columns["predicted_label"] = pa.array(np.asarray(predicted, dtype=object), pa.string()).dictionary_encode()
+    return pa.table(columns)
+
+
+def part_task(part: pa.Table) -> str:
+    """The task of a :func:`prediction_part` block (its one-entry dictionary, even with no rows)."""
+    column = part.column("task")
+    if pa.types.is_dictionary(column.type) and column.num_chunks:
+        return column.chunk(0).dictionary[0].as_py()
+    values = column.unique().to_pylist()
+    return values[0] if values else ""
+
+
+def with_constants(part: pa.Table, values: dict) -> pa.Table:
+    """``part`` with a constant column per ``values`` item (name → str, or None: NULL)."""
+    for name, value in values.items():
+        column = pa.nulls(part.num_rows, pa.string()) if value is None else _constant(str(value), part.num_rows)
+        part = part.append_column(name, column)
+    return part
+
+
+def decoded(table: pa.Table) -> pa.Table:
+    """``table`` with its dictionary columns as plain strings (blocks concatenate, pandas gets str)."""
+    return pa.table({name: col.cast(col.type.value_type) if pa.types.is_dictionary(col.type) else col
+                     for name, col in zip(table.column_names, table.columns)})
+
+
+def prediction_frame(part: pa.Table) -> pd.DataFrame:
+    return decoded(part).to_pandas()
 
 
 def evaluation_frame(manifest: pd.DataFrame, splits: pd.DataFrame, table: EmbeddingTable, levels) -> tuple[pd.DataFrame, np.ndarray]:
@@ -183,6 +245,7 @@ def _knn_level_group(out: EvalTables, frame, vectors, level, grp, tr, te, train_
     true_idx = ranking.class_indices(true) if ranking is not None and not no_vector.any() \
         else _class_indices(classes, true)
     width = min(max(ks), len(classes))
+    test_ids = pa.array(frame["image_id"].to_numpy()[te].astype(str))  # shared by every rule's block
     rows = []
     for rule in (*names.KNN_RULES, *names.KNN_L2_RULES):
         if not no_vector.any():
@@ -201,9 +264,7 @@ def _knn_level_group(out: EvalTables, frame, vectors, level, grp, tr, te, train_
                 rows.append((names.knn_metric(rule, k=k), topk_accuracy(true_idx, ranks, k)))
         report = per_class_report(true, pred).assign(task=names.KNN, level=level, grp=grp, rule=rule)
         out.per_class.append(report)
-        out.predictions.append(pd.DataFrame({
-            "task": names.KNN, "level": level, "grp": grp, "rule": rule,
-            "image_id": frame["image_id"].to_numpy()[te], "true_label": true, "predicted_label": pred}))
+        out.predictions.append(prediction_part(names.KNN, level, grp, rule, test_ids, true, pred))
     m = pd.DataFrame(rows, columns=["metric", "value"])
     out.metrics.append(m.assign(task=names.KNN, level=level, grp=grp, std=np.nan, n=len(te)))
 
@@ -241,9 +302,8 @@ def probe_tables(frame: pd.DataFrame, vectors: np.ndarray, levels, *, seed: int 
         out.metrics.append(result.metrics_frame().assign(task=task, level=level, grp=ALL))
         pred = np.asarray(result.test_predictions).astype(str)
         out.per_class.append(per_class_report(y[test], pred).assign(task=task, level=level, grp=ALL, rule=classifier))
-        out.predictions.append(pd.DataFrame({
-            "task": task, "level": level, "grp": ALL, "rule": classifier,
-            "image_id": frame["image_id"].to_numpy()[test], "true_label": y[test], "predicted_label": pred}))
+        out.predictions.append(prediction_part(task, level, ALL, classifier, frame["image_id"].to_numpy()[test],
+                                               y[test], pred))
     return out
 
 

@@ -288,10 +288,11 @@ def store_results(paths: Paths, dataset: str, model: str, tasks, tables, provena
     transaction; every row carries ``run_id`` and ``split_id``. Returns the metrics frame.
     ``auc_scores`` (the AUC stages: rows with a ``task`` column, an empty frame to clear): that
     table's rows of ``tasks`` are replaced in the same transaction; None leaves it alone."""
+    from nfhm_pipeline.evaluation.tables import part_task, with_constants
     from nfhm_pipeline.store import provenance as prov
     from nfhm_pipeline.store import warehouse
 
-    metrics, per_class, predictions = tables.frames()
+    metrics, per_class, _ = tables.frames(predictions=False)
     exclusions = tables.exclusions_frame()
     now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     extra = {"dataset": dataset, "model": model, "run_id": provenance.run_id, "split_id": provenance.split_id}
@@ -299,7 +300,11 @@ def store_results(paths: Paths, dataset: str, model: str, tasks, tables, provena
     writes = []
     for task in tasks:
         where = {"dataset": dataset, "model": model, "task": task}
-        for name, frame in zip(RESULT_TABLES, (metrics, per_class, predictions, exclusions)):
+        for name, frame in zip(RESULT_TABLES, (metrics, per_class, None, exclusions)):
+            if name == "predictions":  # the task's Arrow blocks, appended one by one (never concatenated)
+                writes.append((name, [with_constants(part, extra) for part in tables.predictions
+                                      if part_task(part) == task], where))
+                continue
             part = frame[frame["task"] == task] if len(frame) else frame
             part = part.assign(**extra, **({"created_at": now} if name == "metrics" else {}))
             writes.append((name, part, where))

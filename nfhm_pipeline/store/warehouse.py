@@ -137,6 +137,20 @@ def _checked_columns(table: str, where: dict) -> list[str]:
     return columns
 
 
+def _with_columns(table: str, part, columns: list[str]):
+    """``part`` (pandas frame or pyarrow Table) with exactly ``columns`` in order, missing ones NULL;
+    an extra column is an error."""
+    names = list(part.columns) if isinstance(part, pd.DataFrame) else list(part.column_names)
+    extra = set(names) - set(columns)
+    if extra:
+        raise StorageError(f"table {table} has no column(s) {sorted(extra)}")
+    if isinstance(part, pd.DataFrame):
+        return part.reindex(columns=columns)
+    import pyarrow as pa
+
+    return pa.table({col: part.column(col) if col in names else pa.nulls(part.num_rows) for col in columns})
+
+
 def replace_rows(path: str | Path, table: str, frame: pd.DataFrame, **where: str) -> int:
     """Atomically replace the rows of ``table`` matching ``where`` (column = value) by ``frame``.
 
@@ -146,23 +160,24 @@ def replace_rows(path: str | Path, table: str, frame: pd.DataFrame, **where: str
     return replace_many(path, [(table, frame, where)])
 
 
-def replace_many(path: str | Path, writes: Sequence[tuple[str, pd.DataFrame, dict]], *,
+def replace_many(path: str | Path, writes: Sequence[tuple[str, object, dict]], *,
                  lake_root: str | None = None, log_wait: Callable[[str], None] | None = None) -> int:
     """Several :func:`replace_rows` in ONE transaction: every table an asset writes changes
     together or not at all, so a kill between two tables never leaves them disagreeing.
 
-    ``writes``: ``(table, frame, where)`` triples; returns the number of rows inserted.
+    ``writes``: ``(table, rows, where)`` triples; returns the number of rows inserted. ``rows``: a
+    pandas frame, a pyarrow Table, or a list of either: the parts of a list are appended one after
+    another (DuckDB scans each Arrow table in place), so a table of many million rows, such as
+    ``predictions`` at a million images, is never concatenated into one frame to be written.
     ``lake_root``: also refresh the ``embeddings`` view over that lake in the same transaction
     (the embedding asset's run row and the view that shows its table appear together).
     ``log_wait``: where to say, while the lock is held by someone else, what the write waits for.
     """
     prepared = []
-    for table, frame, where in writes:
+    for table, rows, where in writes:
         columns = _checked_columns(table, where)
-        extra = set(frame.columns) - set(columns)
-        if extra:
-            raise StorageError(f"table {table} has no column(s) {sorted(extra)}")
-        prepared.append((table, frame.reindex(columns=columns), where, columns))
+        parts = [_with_columns(table, part, columns) for part in (rows if isinstance(rows, list) else [rows])]
+        prepared.append((table, parts, where, columns))
     import duckdb
 
     pause = _test_pause_s()  # the test hook (module docstring); None in real runs
@@ -172,16 +187,17 @@ def replace_many(path: str | Path, writes: Sequence[tuple[str, pd.DataFrame, dic
         ensure_schema(con)
         con.execute("BEGIN TRANSACTION")
         try:
-            for table, frame, where, columns in prepared:
+            for table, parts, where, columns in prepared:
                 if where:
                     cond = " AND ".join(f"{col} = ?" for col in where)
                     con.execute(f"DELETE FROM {table} WHERE {cond}", list(where.values()))
-                if len(frame):
-                    con.register("incoming", frame)
-                    names = ", ".join(columns)
-                    con.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM incoming")
-                    con.unregister("incoming")
-                    inserted += len(frame)
+                names = ", ".join(columns)
+                for part in parts:
+                    if len(part):
+                        con.register("incoming", part)
+                        con.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM incoming")
+                        con.unregister("incoming")
+                        inserted += len(part)
                 if pause is not None:
                     _test_pause(f"table {table}", pause)
             if lake_root is not None:
