@@ -55,6 +55,9 @@ from nfhm_pipeline.evaluation.names import (KNN_L2_RULES, KNN_RULES, MEAN_COSINE
 RULES = KNN_RULES  # the names are declared in evaluation.names
 L2_RULES = KNN_L2_RULES
 _U = 2.0**-24  # unit roundoff of float32
+# float64 repair: (test row, train vector) pairs ranked at once, and train rows gathered at once
+_REPAIR_PAIRS = 1 << 21
+_REPAIR_GATHER = 1 << 13
 _TRAIN_BLOCK = 1 << 16  # default train rows per block: up to this many, one block (the unblocked computation)
 _CPU_TRAIN_BLOCK = 1 << 14  # default train rows per block on CPU past _TRAIN_BLOCK
 _DEVICE_TRAIN_CACHE_BYTES = 8 << 30  # CUDA: unit train vectors kept on the device up to this size
@@ -131,15 +134,38 @@ def nearest_neighbour_scores(
     return _rank_classes(train, train_labels, test, ks, ("raw", "l2"), block_size, train_block_size, device, progress)
 
 
-def _as_matrix(x, name: str) -> np.ndarray:
-    x = np.asarray(x)
+class Rows:
+    """Rows ``rows`` of a 2-D array ``base`` (an in-memory or memory-mapped table), read only when a
+    block asks for them: the train and test sides of a (level, group) are never copied whole.
+    Indexing (an int, a slice or an int array over the view's rows) returns an in-memory array."""
+
+    def __init__(self, base, rows):
+        self.base, self.rows = base, np.asarray(rows, dtype=np.int64)
+        self.shape = (len(self.rows), *np.shape(base)[1:])
+        self.dtype, self.ndim = base.dtype, len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        return np.asarray(self.base[self.rows[key]])
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[:]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+def _as_matrix(x, name: str):
+    x = x if isinstance(x, Rows) else np.asarray(x)
     if x.ndim != 2:
         raise EvaluationError(f"{name} must be a 2-D array [rows, dim] of embeddings, got shape {x.shape}.")
     if x.dtype.kind not in "fiu":
         raise EvaluationError(f"{name} must hold numbers, got dtype {x.dtype}.")
     if x.shape[0] == 0:
         raise EvaluationError(f"{name} has no rows: nearest-neighbour evaluation needs train and test vectors.")
-    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    chunk = 8192  # checked in row chunks: neither a view nor a large array is read (or copied) whole
+    bad = np.concatenate([a + np.flatnonzero(~np.isfinite(x[a:a + chunk]).all(axis=1))
+                          for a in range(0, x.shape[0], chunk)])
     if bad.size:
         raise EvaluationError(
             f"{name} row {bad[0]} (and {bad.size - 1} more) holds NaN or infinite values; "
@@ -303,8 +329,10 @@ def _rank_classes_fp32(train, train_labels, test, ks, variants, block_size, trai
             rows float32 cannot decide, over their candidate classes."""
             rule, score, err, top1 = job
             ranking, flagged, mask = _settle(score, np.broadcast_to(err, score.shape), ks)
-            if len(flagged):
-                ranking[flagged] = (ctx.top1 if top1 else ctx.mean)(rule, rows[flagged], mask)
+            if len(flagged):  # rows are ranked independently: in chunks of about _REPAIR_PAIRS train vectors
+                rank = ctx.top1 if top1 else ctx.mean
+                for a, e in _row_chunks((mask * ctx.counts).sum(axis=1), _REPAIR_PAIRS):
+                    ranking[flagged[a:e]] = rank(rule, rows[flagged[a:e]], mask[a:e])
             return rule, ranking, len(flagged)
 
         # the rules are independent and numpy lets go of the GIL in their sorts and sums
@@ -312,6 +340,18 @@ def _rank_classes_fp32(train, train_labels, test, ks, variants, block_size, trai
             rankings[rule][rows] = ranking
             n_exact[rule] += n_flagged
     return ClassRanking(classes=classes, rankings=rankings, ks=ks, n_exact_rows=n_exact)
+
+
+def _row_chunks(sizes: np.ndarray, limit: int):
+    """(start, end) runs of consecutive rows whose ``sizes`` add up to at most ``limit`` (a row
+    larger than that alone): the float64 repair's memory is set by ``limit``, not by the classes."""
+    ends = np.cumsum(sizes)
+    start = 0
+    while start < len(sizes):
+        base = ends[start - 1] if start else 0
+        end = max(start + 1, int(np.searchsorted(ends, base + limit, side="right")))
+        yield start, end
+        start = end
 
 
 def _map_threads(fn, items):
@@ -363,7 +403,7 @@ class _TrainBlocks:
         import torch
 
         a, e = self.spans[i]
-        T = torch.as_tensor(self.X).index_select(0, torch.from_numpy(self.ctx.order[a:e])).to(torch.float32)
+        T = torch.from_numpy(np.ascontiguousarray(self.X[self.ctx.order[a:e]])).to(torch.float32)
         return T.div_(torch.from_numpy(self.tnorm[a:e]).to(torch.float32)[:, None])
 
     def unit(self, i: int):
@@ -537,7 +577,10 @@ class _Exact:
         bounds = np.flatnonzero(np.diff(queries, prepend=-1, append=-1))
         if self.device.type == "cpu":
             for a, b in zip(bounds[:-1], bounds[1:]):
-                dot[a:b] = (self.X[items[a:b]] * self.Q[queries[a]].astype(np.float64)).sum(axis=1)
+                q = self.Q[queries[a]].astype(np.float64)
+                for c in range(a, b, _REPAIR_GATHER):  # each pair's sum is its own row's: chunks change nothing
+                    d = min(c + _REPAIR_GATHER, b)
+                    dot[c:d] = (self.X[items[c:d]] * q).sum(axis=1)
         else:
             import torch
 

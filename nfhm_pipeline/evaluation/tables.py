@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from nfhm_pipeline.evaluation.classification import per_class_report, summarize_predictions, topk_accuracy
 from nfhm_pipeline.evaluation import names
-from nfhm_pipeline.evaluation.knn import nearest_neighbour_scores
+from nfhm_pipeline.evaluation.knn import Rows, nearest_neighbour_scores
 from nfhm_pipeline.store.embedding_store import EmbeddingTable
 
 ALL = "all"
@@ -173,7 +173,10 @@ def evaluation_frame(manifest: pd.DataFrame, splits: pd.DataFrame, table: Embedd
         missing = int(np.isnan(pos.astype(float)).sum())
         raise EvaluationError(f"{missing} split image(s) have no stored embedding: materialize image_embeddings "
                               "for this model again (the manifest changed since)")
-    return frame.reset_index(drop=True), table.vectors[pos.astype(np.int64)]
+    pos = pos.astype(np.int64)
+    if np.array_equal(pos, np.arange(len(pos))):  # the table was read in the split's order: no copy
+        return frame.reset_index(drop=True), table.vectors[: len(pos)]
+    return frame.reset_index(drop=True), table.vectors[pos]
 
 
 def groups_of(frame: pd.DataFrame) -> list[str]:
@@ -189,7 +192,10 @@ def labelled(frame: pd.DataFrame, level: str) -> np.ndarray:
 
 def zero_vectors(vectors: np.ndarray) -> np.ndarray:
     """bool per row: the embedding is all zeros (its cosine to anything is undefined)."""
-    return ~np.any(np.asarray(vectors) != 0, axis=1)
+    out = np.empty(len(vectors), dtype=bool)
+    for a in range(0, len(vectors), 8192):  # in row chunks: a mapped table is never read whole
+        out[a:a + 8192] = ~np.any(np.asarray(vectors[a:a + 8192]) != 0, axis=1)
+    return out
 
 
 def _class_indices(classes: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -239,7 +245,8 @@ def _knn_level_group(out: EvalTables, frame, vectors, level, grp, tr, te, train_
                      device) -> None:
     """Rows of one (level, group): ``tr``/``te`` row numbers, ``no_vector`` bool per test row."""
     scored = te[~no_vector]
-    ranking = (nearest_neighbour_scores(vectors[tr], train_labels, vectors[scored], ks=ks, device=device)
+    # views, not copies: the kNN reads its train and test rows block by block (a mapped table stays on disk)
+    ranking = (nearest_neighbour_scores(Rows(vectors, tr), train_labels, Rows(vectors, scored), ks=ks, device=device)
                if len(scored) else None)
     classes = ranking.classes if ranking is not None else np.unique(train_labels)
     true_idx = ranking.class_indices(true) if ranking is not None and not no_vector.any() \

@@ -18,7 +18,7 @@ import datetime as dt
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import pandas as pd
 
@@ -162,12 +162,16 @@ def read_manifest(paths: Paths, dataset: str) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
-def read_embeddings(paths: Paths, dataset: str, model: str):
-    """The stored table of (dataset, model), rows in manifest order (the lake keeps them by shard)."""
-    manifest = paths.manifest(dataset)
-    order = pd.read_parquet(manifest, columns=["image_id"])["image_id"].astype(str).tolist() \
-        if manifest.exists() else None
-    table = paths.lake.read(dataset, model, order=order)
+def read_embeddings(paths: Paths, dataset: str, model: str, order: Sequence[str] | None = None):
+    """The stored table of (dataset, model): rows of ``order``'s ids first, in that order (default:
+    the manifest's), then the rest. The vectors are streamed from the lake's parts into a
+    memory-mapped file under ``<data_dir>/cache/vectors`` (see ``EmbeddingStore.read``): memory
+    holds one part at a time while reading, and then what each stage gathers from the mapping."""
+    if order is None:
+        manifest = paths.manifest(dataset)
+        order = pd.read_parquet(manifest, columns=["image_id"])["image_id"].astype(str).tolist() \
+            if manifest.exists() else None
+    table = paths.lake.read(dataset, model, order=order, into=paths.data_dir / "cache" / "vectors")
     if table is None:
         raise StorageError(f"no embeddings for {dataset}/{model}: materialize {dataset}/image_embeddings "
                            f"for partition {model!r} first")
@@ -215,7 +219,8 @@ def load_evaluation_inputs(paths: Paths, dataset, model: str) -> EvaluationInput
 
     manifest = read_manifest(paths, dataset.name)
     splits = read_split(paths, dataset.name)
-    table = read_embeddings(paths, dataset.name, model)
+    # the split's rows first, in the split's order: the evaluation takes them without a copy
+    table = read_embeddings(paths, dataset.name, model, order=splits["image_id"].astype(str).tolist())
     frame, vectors = evaluation_frame(manifest, splits, table, dataset.labels)
     units = resample_units(dataset, splits, manifest)
     return EvaluationInputs(frame, vectors, split_id_of(splits), getattr(table, "fingerprint", None), manifest,

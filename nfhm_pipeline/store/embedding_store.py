@@ -34,6 +34,7 @@ table, never a mix for longer than that rename. A table of the earlier layout (o
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -42,6 +43,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -252,29 +254,53 @@ class EmbeddingStore:
         for path in self.part_paths(dataset, model):
             yield _read_parquet(self.fs, path)
 
-    def read(self, dataset: str, model: str, order: Sequence[str] | None = None) -> EmbeddingTable | None:
+    def read(self, dataset: str, model: str, order: Sequence[str] | None = None, *,
+             into: str | Path | None = None) -> EmbeddingTable | None:
         """The last complete table, or None if there is none.
 
         ``order`` (e.g. the manifest's image ids): the rows of those ids come first, in that order;
-        stored ids not in it follow in stored order. Without it, rows come part by part."""
+        stored ids not in it follow in stored order. Without it, rows come part by part.
+        ``into`` (a local folder): the vectors are streamed part by part into a memory-mapped
+        float32 file there (:func:`vector_file`) instead of concatenated in memory, so reading holds
+        one part plus the ids; the mapped file is the table's only copy (its pages are the OS's to
+        drop and re-read)."""
         index = self._read_index(dataset, model)
         paths = self.part_paths(dataset, model)
         if not paths:
             return None
+        if into is not None:
+            return self._read_mapped(index, paths, order, Path(into), f"{dataset}-{model}")
         pieces = [_read_parquet(self.fs, p) for p in paths]
         fingerprint = index.fingerprint if index is not None else pieces[0].fingerprint
         dim = index.dim if index is not None else pieces[0].dim
         ids = np.concatenate([p.image_ids for p in pieces]) if pieces else np.zeros(0, dtype=object)
         vectors = (np.concatenate([p.vectors for p in pieces]) if pieces
                    else np.zeros((0, dim), dtype=np.float32))
-        if order is not None:
-            where = {iid: i for i, iid in enumerate(ids.tolist())}
-            first = [where.pop(iid) for iid in dict.fromkeys(order) if iid in where]
-            rest = sorted(where.values())
-            take = np.asarray(first + rest, dtype=np.int64)
-            if not np.array_equal(take, np.arange(len(ids))):
-                ids, vectors = ids[take], vectors[take]
+        take = _reading_order(ids, order)
+        if take is not None:
+            ids, vectors = ids[take], vectors[take]
         return EmbeddingTable(ids.astype(object), vectors, fingerprint)
+
+    def _read_mapped(self, index, paths: list[str], order, folder: Path, name: str) -> EmbeddingTable:
+        ids = np.asarray([iid for path in paths for iid in _read_ids(self.fs, path)], dtype=object)
+        take = _reading_order(ids, order)
+        dest = np.arange(len(ids)) if take is None else np.full(len(ids), -1, dtype=np.int64)
+        if take is not None:
+            dest[take] = np.arange(len(take))
+        n_rows = len(ids) if take is None else len(take)
+        fingerprint, out, start = index.fingerprint if index is not None else None, None, 0
+        with vector_file(folder, name) as fill:
+            for path in paths:
+                piece = _read_parquet(self.fs, path)
+                if out is None:
+                    out = fill(n_rows, piece.dim)
+                    fingerprint = fingerprint if fingerprint is not None else piece.fingerprint
+                rows = dest[start:start + len(piece)]
+                keep = rows >= 0  # a stored duplicate id: its last row is the one read
+                out[rows[keep]] = piece.vectors[keep]
+                start += len(piece)
+            vectors = fill.done()
+        return EmbeddingTable(ids[take].astype(object) if take is not None else ids, vectors, fingerprint or "")
 
     def read_fingerprint(self, dataset: str, model: str) -> str | None:
         index = self._read_index(dataset, model)
@@ -622,6 +648,74 @@ def _group_by_shard(ids: Sequence[str], digits: int, positions: bool = False) ->
     for i, iid in enumerate(ids):
         groups.setdefault(shard_of(iid, digits), []).append(i if positions else iid)
     return groups
+
+
+def _reading_order(ids: np.ndarray, order) -> np.ndarray | None:
+    """Row numbers of ``ids`` that :meth:`EmbeddingStore.read` returns, in its order (None: all, as
+    stored): the ids of ``order`` first, then the rest in stored order; a duplicated id once (its last row)."""
+    if order is None:
+        return None
+    where = {iid: i for i, iid in enumerate(ids.tolist())}
+    first = [where.pop(iid) for iid in dict.fromkeys(order) if iid in where]
+    take = np.asarray(first + sorted(where.values()), dtype=np.int64)
+    return None if np.array_equal(take, np.arange(len(ids))) else take
+
+
+class vector_file:
+    """A float32 [rows, dim] array in a file under ``folder``, filled and then memory-mapped
+    read-only; the file is unlinked as soon as it is mapped (POSIX keeps the mapping), so nothing is
+    left behind. A run killed while filling leaves a ``<name>-<pid>-*.npy`` file: the next
+    ``vector_file`` in the folder deletes those of processes that are gone.
+
+        with vector_file(folder, "d-m") as fill:
+            out = fill(n, dim); out[rows] = ...; vectors = fill.done()
+    """
+
+    def __init__(self, folder: Path, name: str):
+        self.folder, self.name = Path(folder), re.sub(r"[^A-Za-z0-9_.=-]", "_", name)
+        self.path: Path | None = None
+        self._out = None
+
+    def __enter__(self):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for old in self.folder.glob("*.npy"):
+            match = re.search(r"-(\d+)-[0-9a-f]{8}\.npy$", old.name)
+            if match and not _process_alive(int(match.group(1))):
+                old.unlink(missing_ok=True)
+        return self
+
+    def __call__(self, n_rows: int, dim: int) -> np.ndarray:
+        self.path = self.folder / f"{self.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}.npy"
+        self._out = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32, shape=(n_rows, dim))
+        return self._out
+
+    def done(self) -> np.ndarray:
+        if self._out is None:
+            raise StorageError(f"{self.name}: the lake table has no part to read")
+        self._out.flush()
+        del self._out
+        self._out = None
+        vectors = np.load(self.path, mmap_mode="r")
+        with contextlib.suppress(OSError):  # where an open file cannot be unlinked, it goes on the next run
+            self.path.unlink()
+        return vectors
+
+    def __exit__(self, *exc):
+        self._out = None
+        if exc[0] is not None and self.path is not None:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+        return False
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _read_ids(fs: pafs.FileSystem, path: str) -> list[str]:
