@@ -1,10 +1,11 @@
 """The ``ray`` embedding engine (issue 15 item 2): same vectors as the local engine, every image exactly
-once (directly and through the store), a worker process killed mid-job, the worker-side fingerprint
-check, a bad image's ManifestError, and `connect_ray`'s errors.
+once (directly and through the store), one actor pool serving every chunk of an engine, a job that
+finishes when an actor cannot be placed, the CPUs each actor reserves, a worker process killed
+mid-job, the worker-side fingerprint check, a bad image's ManifestError, and `connect_ray`'s errors.
 
 One local Ray (2 CPUs) serves the module; real demo images, the real raw-pixels and tiny OpenCLIP
-models, a real SIGKILL. Each embed_chunk call starts its actor pool (seconds on 2 cores), so the
-tests are few and each checks several things.
+models, a real SIGKILL. Each engine starts its actor pool (seconds on 2 cores), so the tests are few
+and each checks several things.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from helpers import subprocess_env  # noqa: E402
 from nfhm_pipeline.catalog import load_catalog  # noqa: E402
 from nfhm_pipeline.embedders.loaders import load_embedder  # noqa: E402
 from nfhm_pipeline.embedders.ray_engine import (  # noqa: E402
-    WorkerFingerprintError, connect_ray, ray_embed_chunk,
+    WorkerFingerprintError, connect_ray, cpus_per_actor, ray_embed_chunk,
 )
 from nfhm_pipeline.embedders.runtime import EmbedSettings, EmbedTimings, make_batches  # noqa: E402
 from nfhm_pipeline.errors import ManifestError, NfhmError  # noqa: E402
@@ -179,6 +180,56 @@ def test_a_worker_killed_mid_job_is_replaced_and_every_image_is_embedded_once(ra
     assert killed and sorted(got) == wanted
     assert seen_after_kill and killed[0] not in seen_after_kill  # a new process embedded the rest
     np.testing.assert_allclose(np.stack([got[p] for p in wanted]), reference, atol=1e-6, rtol=0)
+
+
+def wait_for_no_embed_workers(timeout_s: float = 30.0) -> set[int]:
+    deadline = time.monotonic() + timeout_s
+    while (left := embed_workers()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def test_one_actor_pool_serves_every_chunk_of_an_engine_until_it_is_closed(ray_cluster, collection):
+    manifest, paths = collection
+    spec, embedder = driver_embedder("raw-pixels", paths)
+    reference = local_vectors(embedder, manifest)
+    assert not wait_for_no_embed_workers()  # no actor of an earlier test left
+    chunk = engine(spec, embedder, manifest, batch_size=8, concurrency=2)
+    first = collect(chunk, range(0, 60))  # as the store calls it: one chunk after the other
+    workers = embed_workers()
+    # An actor gets batches once it has loaded the model: a slower one may have had none of these yet.
+    started = {a["pid"] for a in chunk.actor_startup()}
+    assert len(workers) == 2 and started and started <= workers
+    assert chunk.first_batch_s > 0 and all(a["load_s"] > 0 for a in chunk.actor_startup())
+    second = collect(chunk, range(60, len(manifest)))
+    assert embed_workers() == workers  # the same processes: no new pool, no second model load
+    assert not set(first) & set(second) and sorted({**first, **second}) == list(range(len(manifest)))
+    got = {**first, **second}
+    np.testing.assert_allclose(np.stack([got[p] for p in range(len(manifest))]), reference, atol=1e-6, rtol=0)
+    chunk.close()
+    assert not wait_for_no_embed_workers()
+
+
+def test_an_actor_the_cluster_cannot_place_holds_no_batches(ray_cluster, collection):
+    manifest, paths = collection
+    spec, embedder = driver_embedder("raw-pixels", paths)
+    reference = local_vectors(embedder, manifest)
+    # Three 1-CPU actors on a 2-CPU Ray: the third never starts; the other two embed everything.
+    chunk = engine(spec, embedder, manifest, batch_size=8, concurrency=3, num_cpus_per_actor=1)
+    try:
+        got = collect(chunk, range(len(manifest)))
+        assert len(embed_workers()) == 2 and 1 <= len(chunk.actor_startup()) <= 2  # the third: no process
+    finally:
+        chunk.close()
+    assert sorted(got) == list(range(len(manifest)))
+    np.testing.assert_allclose(np.stack([got[p] for p in range(len(manifest))]), reference, atol=1e-6, rtol=0)
+    assert not wait_for_no_embed_workers()
+
+
+def test_each_actor_reserves_its_share_of_the_cpus(ray_cluster):
+    # The module's Ray has 2 CPUs and no GPU: one actor takes both, two take one each, never below one.
+    assert [cpus_per_actor(ray, n, cuda=False) for n in (1, 2, 3)] == [2, 1, 1]
+    assert cpus_per_actor(ray, 1, cuda=True) == 1  # no GPU node to share out
 
 
 def test_a_worker_with_another_fingerprint_refuses_to_embed(ray_cluster, collection):

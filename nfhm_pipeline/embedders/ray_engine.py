@@ -1,38 +1,42 @@
-"""The ``ray`` embedding engine: the forward passes of a chunk run in Ray actors (Ray Data).
+"""The ``ray`` embedding engine: the forward passes of a chunk run in Ray actors.
 
 `ray_embed_chunk` returns an ``embed_chunk(positions)`` with the contract of
 `runtime.make_batches`: it yields ``(positions int64 [n], float32 vectors [n, dim])`` pairs that
 cover every requested position exactly once, in whatever order the batches finish (the store keys
 by position), and raises ManifestError with runtime's sentence for an image that cannot be used.
 
-How: each call builds a Ray Data dataset of rows {position, image_id, uri} (one block per batch) and
-maps it with `_EmbedWorker`, a callable class run by a fixed pool of ``concurrency`` actors. Each
-actor loads the model once (`load_embedder`, the catalog key as model_id, `use_jpeg_draft` where
-asked) and checks that its fingerprint is the one the driver expects: a worker node with other
-weights, other library versions or other code would otherwise write vectors the store files under
-the driver's fingerprint. Per batch it decodes with runtime's `decode_images` (same verification
-and sentences; no pixel cache in the workers) and runs `embed_uint8`.
+How: a pool of ``concurrency`` `_EmbedWorker` actors (Ray core) is started on the first call and
+kept for every later chunk of the same engine. Each actor loads the model once (`load_embedder`, the
+catalog key as model_id, `use_jpeg_draft` where asked) and checks that its fingerprint is the one
+the driver expects: a worker node with other weights, other library versions or other code would
+otherwise write vectors the store files under the driver's fingerprint. The driver cuts the
+positions into batches of consecutive positions (as make_batches does) and keeps
+``BATCHES_IN_FLIGHT_PER_ACTOR`` of them queued on each actor, handing the next batch to whichever
+actor finished; per batch an actor decodes with runtime's `decode_images` (same verification and
+sentences; no pixel cache in the workers), runs `embed_uint8` and returns the vectors as one numpy
+array (one out-of-band buffer, mapped by the driver without a copy).
 
-Faults: the actors are restartable (``max_restarts``) and their tasks retried (``max_task_retries``),
-so a worker process that dies (killed, OOM) is replaced and its batch embedded again; the driver
-keeps the first vectors it receives for a position, so a batch delivered twice is counted once, and
-it raises if any requested position never came back. Errors the project raises on purpose (a bad
-image, missing weights on a worker, a fingerprint mismatch) are not retried: the worker returns the
-message in the batch and the driver raises it as the same NfhmError class.
+Why not Ray Data: a Ray Data job starts its actor pool and loads the model in every actor each
+time (it keeps no actors across datasets), i.e. once per store chunk, and adds its block
+scheduling per batch; on 2 cores that cost more than the embedding (benchmarks/ray_overhead.py).
 
-Cost: every ``embed_chunk`` call starts its actor pool and loads the model in each actor (Ray Data
-does not keep actors across datasets), so give the store a large ``chunk_size`` with this engine;
-``benchmarks/ray_overhead.py`` measures the start-up cost.
+Faults: the actors are restartable and their tasks retried (``max_restarts``, without bound by
+default), so a worker process that dies (killed, OOM) is replaced and the batches queued on it are
+embedded again; the driver keeps the first vectors it receives for a position, so a batch delivered
+twice is counted once, and it raises if any requested position never came back. Errors the project
+raises on purpose (a bad image, missing weights on a worker, a fingerprint mismatch) are not
+retried: the worker returns the message for the batch and the driver raises it as the same
+NfhmError class.
 
-Ray is optional (the ``ray`` extra); nothing here imports it at module import.
+Cost: a fixed start-up per engine (actor processes start, import torch and the project, load the
+model: the time to the first batch) and then a steady rate; ``benchmarks/ray_overhead.py`` states
+both. Ray is optional (the ``ray`` extra); nothing here imports it at module import.
 """
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
-import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -40,7 +44,8 @@ import numpy as np
 from nfhm_pipeline import errors
 from nfhm_pipeline.errors import ManifestError, ModelLoadError, NfhmError, SettingsError
 
-__all__ = ["RayEngineError", "WorkerFingerprintError", "connect_ray", "ray_embed_chunk"]
+__all__ = ["RayEmbedChunk", "RayEngineError", "WorkerFingerprintError", "connect_ray", "cpus_per_actor",
+           "ray_embed_chunk"]
 
 INSTALL_HINT = "install the ray extra: pip install 'nfhm-pipeline[ray]'"
 
@@ -56,21 +61,9 @@ class WorkerFingerprintError(ModelLoadError):
 def _import_ray():
     try:
         import ray
-        import ray.data  # noqa: F401 - the engine needs Ray Data, not only Ray core
     except ImportError as exc:
-        raise NfhmError(f"the ray embedding engine needs Ray and Ray Data, which are not installed; "
-                        f"{INSTALL_HINT}") from exc
+        raise NfhmError(f"the ray embedding engine needs Ray, which is not installed; {INSTALL_HINT}") from exc
     return ray
-
-
-def _quiet_ray_data(ray) -> None:
-    # Ray Data's progress bars (or, off a terminal, its progress log lines every few seconds) would
-    # interleave with the pipeline's own progress meter; its warnings and errors still show.
-    from ray.util.debug import log_once
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    log_once("ray_data_progress_manager_disabled")  # spends Ray Data's one "progress bars disabled" warning
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def connect_ray(address: str | None = None, num_cpus: int | None = None) -> str:
@@ -106,7 +99,6 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> str:
                             f"address is right, or unset it to start a local Ray") from exc
         raise NfhmError(f"cannot start a local Ray ({_first_line(exc)}); see the Ray logs under "
                         f"/tmp/ray/session_latest/logs") from exc
-    _quiet_ray_data(ray)
     return _address_of(ray)
 
 
@@ -159,29 +151,40 @@ def _failure_message(failed: list[str]) -> str:
 
 
 class _EmbedWorker:
-    """One Ray actor: loads the model once, then embeds batches of rows {position, image_id, uri}.
+    """One Ray actor: loads the model once, then embeds batches (`embed`) for as long as its engine lives.
 
-    Returns {position int64, vector float32 [n, dim], error str, error_kind str, decode_s, forward_s}:
-    error is "" for a batch that was embedded, else the NfhmError message (error_kind its class
-    name) on every row and zero vectors. decode_s / forward_s: the batch's seconds spread over its
-    rows, so the driver's sum over the rows it keeps is the time spent on them.
+    `embed(positions, uris, image_ids)` returns {position int64 [n], vector float32 [n, dim], error,
+    error_kind, decode_s, forward_s}: error is "" for a batch that was embedded, else the NfhmError
+    message (error_kind its class name) and no vectors; decode_s / forward_s the batch's seconds.
     """
 
     def __init__(self, spec: dict, model_key: str, expected_fingerprint: str, device: str, precision: str,
-                 jpeg_draft: bool, dataset: str | None, decode_threads: int, pause_per_batch_s: float = 0.0):
-        from concurrent.futures import ThreadPoolExecutor
+                 jpeg_draft: bool, dataset: str | None, threads: int, pause_per_batch_s: float = 0.0):
+        t0 = time.perf_counter()
+        import torch
 
         from nfhm_pipeline.embedders.loaders import load_embedder
         from nfhm_pipeline.embedders.runtime import use_jpeg_draft
 
+        # The actor owns `threads` CPUs of the node: torch's intra-op pool and the decode threads are
+        # sized to them, so actors sharing a node do not oversubscribe its cores.
+        threads = max(1, int(threads))
+        torch.set_num_threads(threads)
         self.dataset, self.device, self.pause_per_batch_s = dataset, device, pause_per_batch_s
         self.embedder, self.error, self.error_kind, self.dim = None, "", "", 0
-        self.pool = ThreadPoolExecutor(max_workers=max(1, decode_threads), thread_name_prefix="nfhm-ray-decode")
+        self.pool = None
+        if threads > 1:  # one thread decodes inline: a pool would only add a hand-off per image
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="nfhm-ray-decode")
+        self.load_s = 0.0
         try:
             embedder = load_embedder(spec, device=device, precision=precision)
         except NfhmError as exc:  # missing weights on this node and the like: the driver raises it
             self.error, self.error_kind = str(exc), type(exc).__name__
             return
+        finally:
+            self.load_s = time.perf_counter() - t0
         embedder.model_id = model_key
         if jpeg_draft:
             use_jpeg_draft(embedder)
@@ -197,26 +200,28 @@ class _EmbedWorker:
             return
         self.embedder = embedder
 
-    def _failed(self, positions: np.ndarray, message: str, kind: str) -> dict:
-        n = len(positions)
-        return {"position": positions, "vector": np.zeros((n, max(1, self.dim)), dtype=np.float32),
-                "error": np.array([message] * n, dtype=object), "error_kind": np.array([kind] * n, dtype=object),
-                "decode_s": np.zeros(n), "forward_s": np.zeros(n)}
+    def startup(self) -> dict:
+        """This actor's process id, the seconds its constructor took (imports and model load) and its
+        error ("" when it loaded the expected model)."""
+        return {"pid": os.getpid(), "load_s": self.load_s, "error": self.error, "error_kind": self.error_kind}
 
-    def __call__(self, batch: dict) -> dict:
+    def _failed(self, positions: np.ndarray, message: str, kind: str) -> dict:
+        return {"position": positions, "vector": None, "error": message, "error_kind": kind,
+                "decode_s": 0.0, "forward_s": 0.0}
+
+    def embed(self, positions: np.ndarray, uris: list[str], image_ids: list[str]) -> dict:
         import torch
 
         from nfhm_pipeline.embedders.runtime import decode_images
 
-        positions = np.asarray(batch["position"], dtype=np.int64)
+        positions = np.asarray(positions, dtype=np.int64)
         if self.embedder is None:
             return self._failed(positions, self.error, self.error_kind)
         if self.pause_per_batch_s:
             time.sleep(self.pause_per_batch_s)
         t0 = time.perf_counter()
-        items = list(zip((str(u) for u in batch["uri"]), (str(i) for i in batch["image_id"])))
-        decoded = decode_images(items, self.embedder.preprocess, dataset=self.dataset, pool=self.pool,
-                                device=self.device)
+        decoded = decode_images(list(zip(uris, image_ids)), self.embedder.preprocess, dataset=self.dataset,
+                                pool=self.pool, device=self.device)
         failed = [d for d in decoded if isinstance(d, str)]
         if failed:  # nothing of this batch is embedded, as in make_batches
             return self._failed(positions, _failure_message(failed), ManifestError.__name__)
@@ -227,11 +232,10 @@ class _EmbedWorker:
         if isinstance(vectors, torch.Tensor):
             vectors = vectors.detach().float().cpu().numpy()
         t2 = time.perf_counter()
-        n = max(1, len(positions))
-        return {"position": positions, "vector": np.ascontiguousarray(vectors, dtype=np.float32),
-                "error": np.array([""] * len(positions), dtype=object),
-                "error_kind": np.array([""] * len(positions), dtype=object),
-                "decode_s": np.full(len(positions), (t1 - t0) / n), "forward_s": np.full(len(positions), (t2 - t1) / n)}
+        # A numpy array: Ray ships it as one out-of-band buffer (the driver maps it from the object
+        # store without a copy); a list or a tensor would be pickled element by element.
+        return {"position": positions, "vector": np.ascontiguousarray(vectors, dtype=np.float32), "error": "",
+                "error_kind": "", "decode_s": t1 - t0, "forward_s": t2 - t1}
 
 
 def _error_class(kind: str) -> type[NfhmError]:
@@ -245,25 +249,172 @@ def _error_class(kind: str) -> type[NfhmError]:
 
 # -- the driver ---------------------------------------------------------------------------------------
 
+# Batches queued on each actor: one running and one waiting, so an actor never idles while the driver
+# handles a result, and a restarted actor has at most this many batches to embed again.
+BATCHES_IN_FLIGHT_PER_ACTOR = 2
+
+
+def cpus_per_actor(ray, concurrency: int, cuda: bool) -> int:
+    """The CPUs each of ``concurrency`` actors reserves when the caller gives none: on CUDA (one GPU
+    per actor) a GPU node's CPUs shared by its GPUs, for decoding; on CPU the cluster's CPUs shared by
+    the actors (never more than the largest node has), so that together they use every core."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if cuda:
+        shares = [int(r.get("CPU", 0) // r["GPU"]) for r in nodes if r.get("GPU")]
+        return max(1, min(shares, default=1))
+    total = sum(int(r.get("CPU", 0)) for r in nodes)
+    largest = max((int(r.get("CPU", 0)) for r in nodes), default=1)
+    return max(1, min(total // max(1, concurrency), largest))
+
+
+class RayEmbedChunk:
+    """``embed_chunk(positions)`` on a pool of Ray actors that is started on the first call and kept
+    for every later call (each of the store's chunks), so the actors start and load the model once
+    per engine, not once per chunk. `close()` ends the actors; dropping the engine does too (Ray ends
+    an actor when the last handle to it goes). first_batch_s: seconds from the pool's start to its
+    first vectors (actor processes start, import, load the model, embed one batch), after the first
+    call; `actor_startup()` the actors' own share of it."""
+
+    def __init__(self, model_key: str, image_ids: list[str], uris: list[str], worker_args: dict, *,
+                 batch_size: int, concurrency: int, num_cpus_per_actor: float | None, num_gpus_per_actor: float,
+                 max_restarts: int | None, on_images, timings):
+        self.model_key, self.image_ids, self.uris, self.worker_args = model_key, image_ids, uris, worker_args
+        self.batch_size, self.concurrency = batch_size, concurrency
+        self.num_cpus_per_actor, self.num_gpus_per_actor, self.max_restarts = (num_cpus_per_actor,
+                                                                               num_gpus_per_actor, max_restarts)
+        self.on_images, self.timings = on_images, timings
+        self.actors: list = []
+        self._ready: list = []  # actors whose constructor is done: they get batches
+        self._unready: dict = {}  # the `startup` call of each other actor -> the actor
+        self._startup: list[dict] = []
+        self.first_batch_s: float | None = None
+        self._started_at = 0.0
+
+    def _start(self, ray, batches: int) -> None:
+        cuda = str(self.worker_args["device"]).startswith("cuda")
+        cpus = self.num_cpus_per_actor or cpus_per_actor(ray, self.concurrency, cuda)
+        # Unbounded by default, as Ray Data had it: a dead actor process is replaced and the batches
+        # queued on it run again on the new one.
+        restarts = -1 if self.max_restarts is None else int(self.max_restarts)
+        worker = ray.remote(_EmbedWorker).options(num_cpus=cpus, num_gpus=self.num_gpus_per_actor or None,
+                                                  max_restarts=restarts, max_task_retries=restarts)
+        args = dict(self.worker_args, threads=max(1, int(cpus)))
+        self._started_at = time.perf_counter()
+        # No more actors than batches of this first call: an extra one would load the model and idle.
+        self.actors = [worker.remote(**args) for _ in range(min(self.concurrency, batches))]
+        # Each actor's first task: it reports once its constructor is done, and only then gets batches,
+        # so an actor the cluster cannot place (or that loads slowly) holds no batches hostage.
+        self._unready = {actor.startup.remote(): actor for actor in self.actors}
+
+    def close(self) -> None:
+        """End the actors now (they end anyway once this engine is dropped)."""
+        ray = _import_ray()
+        actors, self.actors, self._ready, self._unready = self.actors, [], [], {}
+        if ray.is_initialized():
+            for actor in actors:
+                ray.kill(actor, no_restart=True)
+
+    def __call__(self, positions):
+        ray = _import_ray()
+        if not ray.is_initialized():
+            connect_ray()
+        wanted = np.fromiter((int(p) for p in positions), dtype=np.int64)
+        if not len(wanted):
+            return
+        # The batches are consecutive positions, as make_batches forms them.
+        batches = [wanted[i:i + self.batch_size] for i in range(0, len(wanted), self.batch_size)]
+        if not self.actors:
+            self._start(ray, len(batches))
+        todo = iter(batches)
+        in_flight: dict = {}  # ObjectRef -> the actor it runs on
+        batches_left = [len(batches)]
+
+        def submit(actor) -> None:
+            batch = next(todo, None)
+            if batch is not None:
+                batches_left[0] -= 1
+                ref = actor.embed.remote(batch, [self.uris[p] for p in batch], [self.image_ids[p] for p in batch])
+                in_flight[ref] = actor
+
+        def give_work(actor) -> None:
+            for _ in range(BATCHES_IN_FLIGHT_PER_ACTOR):
+                submit(actor)
+
+        for actor in self._ready:
+            give_work(actor)
+        pending = np.zeros(len(self.image_ids), dtype=bool)
+        pending[wanted] = True
+        left = int(pending.sum())
+        try:
+            while in_flight or (self._unready and batches_left[0]):
+                t0 = time.perf_counter()
+                [ref], _ = ray.wait([*in_flight, *(self._unready if batches_left[0] else ())], num_returns=1)
+                result = ray.get(ref)
+                if self.timings is not None:
+                    self.timings.wait_s += time.perf_counter() - t0
+                if ref in self._unready:
+                    self._startup.append(result)
+                    if result["error"]:
+                        raise _error_class(result["error_kind"])(result["error"])
+                    actor = self._unready.pop(ref)
+                    self._ready.append(actor)
+                    give_work(actor)
+                    continue
+                submit(in_flight.pop(ref))
+                if result["error"]:
+                    raise _error_class(str(result["error_kind"]))(str(result["error"]))
+                if self.first_batch_s is None:
+                    self.first_batch_s = time.perf_counter() - self._started_at
+                got = result["position"]
+                # A batch delivered twice (a retry racing its first attempt) counts once: first vectors win.
+                keep = pending[got] & ~_repeated(got)
+                if not keep.any():
+                    continue
+                fresh = got[keep]
+                pending[fresh] = False
+                left -= len(fresh)
+                if self.timings is not None:
+                    share = len(fresh) / len(got)
+                    self.timings.decode_s += float(result["decode_s"]) * share
+                    self.timings.forward_s += float(result["forward_s"]) * share
+                if self.on_images is not None:
+                    self.on_images(len(fresh))
+                yield fresh, (result["vector"] if keep.all() else result["vector"][keep])
+        except NfhmError:
+            raise
+        except ray.exceptions.RayError as exc:
+            raise RayEngineError(f"the Ray job embedding {len(wanted)} images with model {self.model_key!r} "
+                                 f"failed: {_first_line(exc)}") from exc
+        if left:
+            missing = np.flatnonzero(pending)
+            raise RayEngineError(f"the Ray job for model {self.model_key!r} returned no vectors for {left} of "
+                                 f"{len(wanted)} images (first missing position {missing.min()}); run again")
+
+    def actor_startup(self) -> list[dict]:
+        """The ready actors' {"pid", "load_s": seconds their constructor took (imports, model load)}."""
+        return [{"pid": info["pid"], "load_s": info["load_s"]} for info in self._startup]
+
+
 def ray_embed_chunk(spec: dict, model_key: str, image_ids: Sequence[str], uris: Sequence[str], *,
                     expected_fingerprint: str, device: str = "cpu", precision: str = "fp32", batch_size: int = 64,
-                    num_gpus_per_actor: float = 0, num_cpus_per_actor: float = 1, concurrency: int = 1,
+                    num_gpus_per_actor: float = 0, num_cpus_per_actor: float | None = None, concurrency: int = 1,
                     max_restarts: int | None = None, jpeg_draft: bool = False, dataset: str | None = None,
                     on_images: Callable[[int], None] | None = None, timings=None,
-                    _pause_per_batch_s: float = 0.0):
+                    _pause_per_batch_s: float = 0.0) -> RayEmbedChunk:
     """Return ``embed_chunk(positions)`` for `EmbeddingStore.embed_incrementally`, embedding on Ray.
 
     spec: the loader spec (`stages.image_embeddings.model_spec`: weight paths must exist on every
     node). model_key: the catalog key (the embedder's model_id). expected_fingerprint: the driver's
     fingerprint of the model (with jpeg_draft applied); every actor checks its own against it.
-    concurrency: actors (each ``num_cpus_per_actor`` CPUs, its decode threads, and
-    ``num_gpus_per_actor`` GPUs; give a GPU share for a cuda device). max_restarts: times an actor
-    whose process dies is replaced (and its batch retried) before the job fails; None: Ray Data's
-    default, without bound. on_images(n): after each block of n new images. timings
-    (runtime.EmbedTimings): decode_s and forward_s as summed in the workers, wait_s the driver
-    waiting for results. Ray is connected (`connect_ray`) on first use when this process has not
-    done so. _pause_per_batch_s: for tests, seconds each worker sleeps per batch, so that a fault
-    can be injected while the job runs.
+    concurrency: actors (each ``num_cpus_per_actor`` CPUs, as many torch and decode threads, and
+    ``num_gpus_per_actor`` GPUs; give a GPU share for a cuda device). num_cpus_per_actor None: see
+    `cpus_per_actor` (on CPU, the cluster's CPUs shared by the actors; on CUDA, a GPU's share of
+    its node's CPUs). max_restarts: times an actor whose process dies is replaced (and its batches
+    retried) before the job fails; None: without bound. on_images(n): after each batch of n new
+    images. timings (runtime.EmbedTimings): decode_s and forward_s as summed in the workers, wait_s
+    the driver waiting for results. Ray is connected (`connect_ray`) on first use when this process
+    has not done so. _pause_per_batch_s: for tests, seconds each worker sleeps per batch, so that a
+    fault can be injected while the job runs.
     """
     if str(device).startswith("cuda") and not num_gpus_per_actor:
         raise SettingsError(f"model {model_key!r}: the ray engine on {device!r} needs num_gpus_per_actor > 0 "
@@ -272,80 +423,13 @@ def ray_embed_chunk(spec: dict, model_key: str, image_ids: Sequence[str], uris: 
     if concurrency < 1 or batch_size < 1:
         raise SettingsError(f"model {model_key!r}: the ray engine needs concurrency >= 1 and batch_size >= 1, "
                             f"got concurrency={concurrency}, batch_size={batch_size}")
-    image_ids = [str(i) for i in image_ids]
-    uris = [str(u) for u in uris]
     worker_args = dict(spec=dict(spec), model_key=model_key, expected_fingerprint=expected_fingerprint,
                        device=str(device), precision=precision, jpeg_draft=bool(jpeg_draft), dataset=dataset,
-                       decode_threads=max(1, int(round(num_cpus_per_actor or 1))),
                        pause_per_batch_s=float(_pause_per_batch_s))
-
-    def embed_chunk(positions):
-        ray = _import_ray()
-        if not ray.is_initialized():
-            connect_ray()
-        wanted = [int(p) for p in positions]
-        if not wanted:
-            return
-        rows = [{"position": p, "image_id": image_ids[p], "uri": uris[p]} for p in wanted]
-        # One block per batch: the batches are consecutive positions, as make_batches forms them; no
-        # more actors than batches (an extra one would load the model and idle).
-        blocks_in = max(1, math.ceil(len(rows) / batch_size))
-        source = ray.data.from_items(rows, override_num_blocks=blocks_in)
-        # Ray Data makes map actors restartable by default (max_restarts=-1, max_task_retries=-1: a dead
-        # actor process is replaced and the task it was running retried on the new one); a bound is
-        # passed as an actor option, an API Ray 2.60 deprecates (removal announced for 2.64).
-        restarts = {} if max_restarts is None else {"max_restarts": int(max_restarts),
-                                                    "max_task_retries": int(max_restarts)}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-            mapped = source.map_batches(
-                _EmbedWorker, fn_constructor_kwargs=worker_args, batch_size=batch_size, batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=min(concurrency, blocks_in)),
-                num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor or None, zero_copy_batch=True,
-                udf_modifying_row_count=False,
-                **restarts)
-        pending = set(wanted)
-        blocks = iter(mapped.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1))
-        try:
-            while pending:
-                t0 = time.perf_counter()
-                try:
-                    block = next(blocks)
-                except StopIteration:
-                    break
-                if timings is not None:
-                    timings.wait_s += time.perf_counter() - t0
-                got = np.asarray(block["position"], dtype=np.int64)
-                failures = [i for i, e in enumerate(block["error"]) if e]
-                if failures:
-                    first = failures[0]
-                    raise _error_class(str(block["error_kind"][first]))(str(block["error"][first]))
-                # A batch Ray delivered twice (a retry racing its first attempt): first vectors win.
-                keep = np.array([p in pending for p in got.tolist()], dtype=bool) & ~_repeated(got)
-                if not keep.any():
-                    continue
-                fresh = got[keep]
-                pending.difference_update(fresh.tolist())
-                if timings is not None:
-                    timings.decode_s += float(np.sum(block["decode_s"][keep]))
-                    timings.forward_s += float(np.sum(block["forward_s"][keep]))
-                if on_images is not None:
-                    on_images(len(fresh))
-                yield fresh, np.asarray(block["vector"], dtype=np.float32)[keep]
-        except NfhmError:
-            raise
-        except ray.exceptions.RayError as exc:
-            raise RayEngineError(f"the Ray job embedding {len(wanted)} images with model {model_key!r} failed: "
-                                 f"{_first_line(exc)}") from exc
-        finally:
-            close = getattr(blocks, "close", None)
-            if close is not None:
-                close()  # stops the streaming executor (and its actors) when we leave early
-        if pending:
-            raise RayEngineError(f"the Ray job for model {model_key!r} returned no vectors for {len(pending)} of "
-                                 f"{len(wanted)} images (first missing position {min(pending)}); run again")
-
-    return embed_chunk
+    return RayEmbedChunk(model_key, [str(i) for i in image_ids], [str(u) for u in uris], worker_args,
+                         batch_size=int(batch_size), concurrency=int(concurrency),
+                         num_cpus_per_actor=num_cpus_per_actor, num_gpus_per_actor=num_gpus_per_actor,
+                         max_restarts=max_restarts, on_images=on_images, timings=timings)
 
 
 def _repeated(positions: np.ndarray) -> np.ndarray:
