@@ -284,10 +284,10 @@ class EmbeddingStore:
     def _read_mapped(self, index, paths: list[str], order, folder: Path, name: str) -> EmbeddingTable:
         ids = np.asarray([iid for path in paths for iid in _read_ids(self.fs, path)], dtype=object)
         take = _reading_order(ids, order)
-        dest = np.arange(len(ids)) if take is None else np.full(len(ids), -1, dtype=np.int64)
-        if take is not None:
-            dest[take] = np.arange(len(take))
-        n_rows = len(ids) if take is None else len(take)
+        take = np.arange(len(ids)) if take is None else take
+        dest = np.full(len(ids), -1, dtype=np.int64)  # where each stored row goes, -1: not read
+        dest[take] = np.arange(len(take))
+        n_rows = len(take)
         fingerprint, out, start = index.fingerprint if index is not None else None, None, 0
         with vector_file(folder, name) as fill:
             for path in paths:
@@ -300,7 +300,7 @@ class EmbeddingStore:
                 out[rows[keep]] = piece.vectors[keep]
                 start += len(piece)
             vectors = fill.done()
-        return EmbeddingTable(ids[take].astype(object) if take is not None else ids, vectors, fingerprint or "")
+        return EmbeddingTable(ids[take].astype(object), vectors, fingerprint or "")
 
     def read_fingerprint(self, dataset: str, model: str) -> str | None:
         index = self._read_index(dataset, model)
