@@ -101,3 +101,28 @@ def test_fused_passes_keep_exact_ties_and_single_image_classes(monkeypatch):
             np.testing.assert_array_equal(fused.rankings[rule], numpy_passes.rankings[rule],
                                           err_msg=f"{rule}, train blocks of {train_block_size}")
         assert "m" not in set(fused.labels("mean_cosine"))  # "k" sorts first among the tied means
+
+
+@pytest.mark.parametrize("dim", [1, 5, 7, 8, 9, 16, 100, 127, 128, 129, 136, 255, 256, 300, 512, 768, 1000, 1024, 1536])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gathered_dots_are_bit_identical_to_numpy(dim, dtype):
+    """The float64 repair's compiled dot products equal numpy's ``(X[items] * q).sum(axis=1)`` to
+    the last bit, over numpy's pairwise-summation block sizes and magnitudes far apart."""
+    rng = np.random.default_rng(dim)
+    X = (rng.standard_normal((300, dim)) * 10.0 ** rng.integers(-6, 6, (300, 1))).astype(dtype)
+    q = rng.standard_normal(dim) * 10.0 ** rng.integers(-3, 3, dim)
+    items = rng.integers(0, 300, 2000)
+    out = np.empty(len(items))
+    knn_kernels.gathered_dots(X, items, q, out)
+    np.testing.assert_array_equal(out, (X[items] * q).sum(axis=1))
+
+
+def test_gathered_dots_read_a_memory_mapped_table(tmp_path):
+    X = np.random.default_rng(0).standard_normal((50, 768)).astype(np.float32)
+    mapped = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float32, shape=X.shape)
+    mapped[:] = X
+    q, items, out = np.linspace(-1, 1, 768), np.array([3, 3, 49, 0]), np.empty(4)
+    assert knn_kernels.dots_usable(mapped)
+    knn_kernels.gathered_dots(mapped, items, q, out)
+    np.testing.assert_array_equal(out, (X[items] * q).sum(axis=1))
+    assert out[0] == out[1]  # the same vector twice: the same value (exact ties stay ties)

@@ -70,6 +70,10 @@ def test_shard_width_follows_the_collection_size():
     iid = image_ids(1)[0]
     assert shard_of(iid, 0) == "all" and shard_of(iid, 2) == iid[:2]
     assert len(shard_of("not-hex", 2)) == 2  # a library caller's own ids are sharded by their hash
+    # hex-looking ids that are not digests (catalogue numbers) are hashed too: 10,000 of them
+    # spread over the 16 one-digit shards instead of all falling into shard "0"
+    numbered = [shard_of(f"{i:09d}", 1) for i in range(10_000)]
+    assert len(set(numbered)) == 16 and max(numbered.count(s) for s in set(numbered)) < 1000
 
 
 def test_ten_thousand_images_are_sixteen_parts_each_holding_its_prefix(tmp_path):

@@ -57,7 +57,7 @@ L2_RULES = KNN_L2_RULES
 _U = 2.0**-24  # unit roundoff of float32
 # float64 repair: (test row, train vector) pairs ranked at once, and train rows gathered at once
 _REPAIR_PAIRS = 1 << 21
-_REPAIR_GATHER = 1 << 13
+_REPAIR_GATHER = 1 << 8
 _TRAIN_BLOCK = 1 << 16  # default train rows per block: up to this many, one block (the unblocked computation)
 _CPU_TRAIN_BLOCK = 1 << 14  # default train rows per block on CPU past _TRAIN_BLOCK
 _DEVICE_TRAIN_CACHE_BYTES = 8 << 30  # CUDA: unit train vectors kept on the device up to this size
@@ -288,11 +288,15 @@ def _rank_classes_fp32(train, train_labels, test, ks, variants, block_size, trai
         qn = all_qn[rows][:, None]
         qn_t = torch.from_numpy(qn).to(dev)
         q = torch.as_tensor(Q[rows]).to(device=dev, dtype=torch.float32)
-        acc = {"max_s": np.empty((b, n_classes), dtype=np.float32)}  # per class: max of |q| cos
+        # per class: max of |q| cos, min of |t|^2 - 2|t| |q| cos, sums of distances; the fused
+        # passes fill them class-major ([n_classes, b]: a block's classes are whole rows) and they
+        # are turned once per test block, not once per (test block, train block) pair
+        shape = (n_classes, b) if fused else (b, n_classes)
+        acc = {"max_s": np.empty(shape, dtype=np.float32)}
         if "raw" in variants:
-            acc["min_e"], acc["sum_d"] = np.empty((b, n_classes), dtype=np.float32), np.empty((b, n_classes))
+            acc["min_e"], acc["sum_d"] = np.empty(shape, dtype=np.float32), np.empty(shape)
         if "l2" in variants:
-            acc["sum_d_l2"] = np.empty((b, n_classes))
+            acc["sum_d_l2"] = np.empty(shape)
         for i in range(len(blocks)):
             T, tn, tt = blocks.unit(i)
             if fused:  # transposed, [w, b]: a class is a run of rows, reduced along test rows
@@ -304,31 +308,44 @@ def _rank_classes_fp32(train, train_labels, test, ks, variants, block_size, trai
             done += 1
             if progress is not None:
                 progress(done, total)
+        if fused:
+            acc = {name: _transposed(a) for name, a in acc.items()}
         best_s = acc["max_s"]
 
-        jobs = []  # (rule, float32 class scores (larger is better), their error bound, top-1 rule?)
+        # (rule, its float32 class scores (larger is better) [b, C] or how to make them, the error
+        # bound of the scores at (rows, classes) where _settle looks, top-1 rule?). The bounds are
+        # only evaluated at each row's k + 1 best classes and on the rows float32 cannot decide:
+        # elementwise, so the same values as over the whole [b, C] array, at a fraction of the cost.
+        jobs = []
         best_cos = best_s / qn
-        jobs.append((TOP1_COSINE, best_cos, eps_cos, True))
+        jobs.append((TOP1_COSINE, best_cos, _Bound(lambda p: eps_cos), True))
         if "l2" in variants:  # unit vectors' distance falls as their cosine rises: same float32 order
-            jobs.append((TOP1_EUCLIDEAN_L2, best_cos, eps_cos, True))
-        jobs.append((MEAN_COSINE, ((q / qn_t.float()) @ centroids.T).cpu().numpy(), eps_cos, False))
+            jobs.append((TOP1_EUCLIDEAN_L2, best_cos, _Bound(lambda p: eps_cos), True))
+        jobs.append((MEAN_COSINE, ((q / qn_t.float()) @ centroids.T).cpu().numpy(), _Bound(lambda p: eps_cos), False))
         if "raw" in variants:
-            min_d2 = np.maximum(acc["min_e"] + qn**2, 0)
-            e2 = 2 * qn * class_tmax * eps_cos + 12 * _U * (qn + class_tmax) ** 2
-            jobs.append((TOP1_EUCLIDEAN, -min_d2, e2, True))
-            mean_d = acc["sum_d"] / counts
-            jobs.append((MEAN_EUCLIDEAN, -mean_d, _distance_error(min_d2, e2) + eps_rel_mean * mean_d, False))
+            def e2_raw(p):
+                return 2 * p(qn) * p(class_tmax) * eps_cos + 12 * _U * (p(qn) + p(class_tmax)) ** 2
+
+            def min_d2(p, min_e=acc["min_e"]):
+                return np.maximum(p(min_e) + p(qn) ** 2, 0)
+
+            jobs.append((TOP1_EUCLIDEAN, lambda min_e=acc["min_e"]: -np.maximum(min_e + qn**2, 0),
+                         _Bound(e2_raw), True))
+            jobs.append((MEAN_EUCLIDEAN, lambda sum_d=acc["sum_d"]: -(sum_d / counts),
+                         _Bound(lambda p, sum_d=acc["sum_d"]: _distance_error(min_d2(p), e2_raw(p))
+                                + p(eps_rel_mean) * (p(sum_d) / p(counts))), False))
         if "l2" in variants:
-            mean_d = acc["sum_d_l2"] / counts
-            e2 = 2 * eps_cos + 48 * _U
-            err = _distance_error(np.maximum(2 - 2 * best_cos, 0), e2) + eps_rel_mean * mean_d
-            jobs.append((MEAN_EUCLIDEAN_L2, -mean_d, err, False))
+            e2_l2 = 2 * eps_cos + 48 * _U
+            jobs.append((MEAN_EUCLIDEAN_L2, lambda sum_d=acc["sum_d_l2"]: -(sum_d / counts),
+                         _Bound(lambda p, sum_d=acc["sum_d_l2"]: _distance_error(
+                             np.maximum(2 - 2 * p(best_cos), 0), e2_l2) + p(eps_rel_mean) * (p(sum_d) / p(counts))),
+                         False))
 
         def settle(job):
             """Rank by float32 class scores (each off by at most err); rank again in float64 the
             rows float32 cannot decide, over their candidate classes."""
             rule, score, err, top1 = job
-            ranking, flagged, mask = _settle(score, np.broadcast_to(err, score.shape), ks)
+            ranking, flagged, mask = _settle(score() if callable(score) else score, err, ks)
             if len(flagged):  # rows are ranked independently: in chunks of about _REPAIR_PAIRS train vectors
                 rank = ctx.top1 if top1 else ctx.mean
                 for a, e in _row_chunks((mask * ctx.counts).sum(axis=1), _REPAIR_PAIRS):
@@ -340,6 +357,13 @@ def _rank_classes_fp32(train, train_labels, test, ks, variants, block_size, trai
             rankings[rule][rows] = ranking
             n_exact[rule] += n_flagged
     return ClassRanking(classes=classes, rankings=rankings, ks=ks, n_exact_rows=n_exact)
+
+
+def _transposed(a: np.ndarray) -> np.ndarray:
+    """A C-ordered copy of a.T (torch's blocked copy: numpy's strided one is several times slower)."""
+    import torch
+
+    return torch.from_numpy(a).T.contiguous().numpy()
 
 
 def _row_chunks(sizes: np.ndarray, limit: int):
@@ -495,12 +519,13 @@ class _TrainBlocks:
         mx, mn, sd, sl = knn_kernels.fused_reduce(St, self.local_starts[i], tn * tn, tn * np.float32(-2),
                                                   qn32 * qn32, np.float32(-2) / qn32, "min_e" in acc,
                                                   "sum_d_l2" in acc)
-        self.carry(i, acc["max_s"], mx.T, np.maximum)
+        # the accumulators are class-major here, [n_classes, b]: whole rows are copied
+        self.carry(i, acc["max_s"].T, mx.T, np.maximum)
         if mn is not None:
-            self.carry(i, acc["min_e"], mn.T, np.minimum)
-            self.carry(i, acc["sum_d"], sd.T, np.add)
+            self.carry(i, acc["min_e"].T, mn.T, np.minimum)
+            self.carry(i, acc["sum_d"].T, sd.T, np.add)
         if sl is not None:
-            self.carry(i, acc["sum_d_l2"], sl.T, np.add)
+            self.carry(i, acc["sum_d_l2"].T, sl.T, np.add)
 
     def carry(self, i: int, acc: np.ndarray, part: np.ndarray, combine) -> None:
         """Write block i's per-class reduction ``part`` into ``acc`` [b, n_classes], combining the
@@ -525,11 +550,37 @@ def _distance_error(min_d2, e2):
     return np.minimum(bound, np.sqrt(e2))
 
 
-def _settle(s, err, ks):
+class _Bound:
+    """The error bound of a rule's class scores, evaluated only where ``_settle`` asks.
+
+    ``formula(p)`` writes the bound with every operand passed through ``p``: a scalar as it is,
+    a per-row column [b, 1], a per-class vector [C] or a full [b, C] array, each gathered at the
+    asked (rows, classes). The operations are elementwise, so each value is the one the formula
+    gives over the whole [b, C] array."""
+
+    def __init__(self, formula):
+        self.formula = formula
+
+    def at(self, rows: np.ndarray, cols: np.ndarray | None, shape) -> np.ndarray:
+        """The bound at classes ``cols`` [m, j] of rows ``rows`` [m] (``cols`` None: every class),
+        as an array of ``shape``."""
+        def p(x):
+            x = np.asarray(x)
+            if x.ndim == 0:
+                return x
+            if x.ndim == 1:  # per class
+                return x[None, :] if cols is None else x[cols]
+            x = x[rows]
+            return x if cols is None or x.shape[1] == 1 else np.take_along_axis(x, cols, 1)
+
+        return np.broadcast_to(self.formula(p), shape)
+
+
+def _settle(s, err: _Bound, ks):
     """Top-k classes by float32 scores, and the rows where float32 cannot be trusted.
 
-    ``s`` [b, C], larger is better, each off by at most ``err`` [b, C]; ``ks`` ascending, <= C.
-    Returns (ranking int64 [b, max(ks)], flagged row numbers, candidate mask [n_flagged, C]).
+    ``s`` [b, C], larger is better, each off by at most ``err`` (a ``_Bound``); ``ks`` ascending,
+    <= C. Returns (ranking int64 [b, max(ks)], flagged row numbers, candidate mask [n_flagged, C]).
     A row is flagged when its k-th and (k+1)-th scores, for some k in ks, lie within their
     combined error; its candidates are every class whose true score may reach the max(ks)-th
     best, so the true top max(ks) is among them.
@@ -538,19 +589,20 @@ def _settle(s, err, ks):
     kk = min(k + 1, C)
     idx = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
     idx = np.take_along_axis(idx, np.argsort(-np.take_along_axis(s, idx, 1), axis=1), 1)
-    v, e = np.take_along_axis(s, idx, 1), np.take_along_axis(err, idx, 1)
+    v, e = np.take_along_axis(s, idx, 1), err.at(np.arange(len(s)), idx, idx.shape)
     gap = [j - 1 for j in ks if j < C]
     after = [j + 1 for j in gap]
     rows = np.flatnonzero(((v[:, gap] - v[:, after]) <= e[:, gap] + e[:, after]).any(axis=1))
-    mask = s[rows] + err[rows] >= (v[rows, k - 1] - e[rows, k - 1])[:, None]
+    mask = s[rows] + err.at(rows, None, (len(rows), C)) >= (v[rows, k - 1] - e[rows, k - 1])[:, None]
     return idx[:, :k].astype(np.int64), rows, mask
 
 
 class _Exact:
     """Float64 class rankings of test rows over candidate classes, with the documented tie rules.
 
-    Values are computed from the caller's arrays with row-wise sums (numpy on CPU, torch on other
-    devices; never BLAS), so identical vectors get bit-identical values and exact ties stay ties.
+    Values are computed from the caller's arrays with row-wise sums (numpy on CPU, or with numba
+    ``knn_kernels.gathered_dots``, which gives numpy's very values without its temporaries; torch on
+    other devices; never BLAS), so identical vectors get bit-identical values and exact ties stay ties.
     """
 
     def __init__(self, X, Q, inv, n_classes, k, device):
@@ -576,8 +628,15 @@ class _Exact:
         dot = np.empty(len(items))
         bounds = np.flatnonzero(np.diff(queries, prepend=-1, append=-1))
         if self.device.type == "cpu":
+            # the compiled loop computes numpy's very values (knn_kernels), gathering row by row
+            base, base_rows = (self.X.base, self.X.rows) if isinstance(self.X, Rows) else (self.X, None)
+            compiled = knn_kernels.dots_usable(base)
             for a, b in zip(bounds[:-1], bounds[1:]):
-                q = self.Q[queries[a]].astype(np.float64)
+                q = np.asarray(self.Q[queries[a]], dtype=np.float64)
+                if compiled:
+                    rows = items[a:b] if base_rows is None else base_rows[items[a:b]]
+                    knn_kernels.gathered_dots(base, np.ascontiguousarray(rows, dtype=np.int64), q, dot[a:b])
+                    continue
                 for c in range(a, b, _REPAIR_GATHER):  # each pair's sum is its own row's: chunks change nothing
                     d = min(c + _REPAIR_GATHER, b)
                     dot[c:d] = (self.X[items[c:d]] * q).sum(axis=1)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -131,3 +132,100 @@ def fused_reduce(St: np.ndarray, starts: np.ndarray, tt: np.ndarray, m2tn: np.nd
         cuts = [min(b, -(-b * i // threads // _ALIGN) * _ALIGN) for i in range(threads)] + [b]
         list(_pool.map(lambda ab: kernel(St, ab[0], ab[1], *args), zip(cuts[:-1], cuts[1:])))
     return max_s, (min_e if raw else None), (sum_d if raw else None), (sum_l2 if l2 else None)
+
+
+# -- float64 repair: the dot products of one test row with gathered train rows -------------------
+#
+# knn.py's float64 repair scores (test row, train row) pairs as numpy does, ``(X[items] * q).sum(axis=1)``:
+# each product rounded to float64, then each row summed by numpy's pairwise summation. Written in
+# numpy that gathers and writes float64 temporaries of [pairs, dim] and is memory-bound; the loop
+# below gathers one train row at a time into a dim-long buffer and sums it with the same pairwise
+# algorithm (numpy's ``pairwise_sum``: 8 running sums over blocks of at most 128 terms, halved at
+# multiples of 8 above that), so every value is bit-identical to numpy's (no fastmath here:
+# ``test_knn_kernels`` checks equality over many lengths). Equal vectors keep equal values, so exact
+# ties stay ties.
+
+def _pairwise_plan(n: int, lo: int = 0, plan=None) -> list:
+    """numpy's pairwise summation of n terms as a postfix program: (0, lo, m) sums the block of m
+    terms at lo (m <= 128: eight running sums), (1, 0, 0) adds the last two results. (numba cannot
+    cache a recursive function, so the recursion is unrolled here, once per dim.)"""
+    plan = [] if plan is None else plan
+    if n <= 128:
+        plan.append((0, lo, n))
+    else:
+        n2 = n // 2
+        n2 -= n2 % 8
+        _pairwise_plan(n2, lo, plan)
+        _pairwise_plan(n - n2, lo + n2, plan)
+        plan.append((1, 0, 0))
+    return plan
+
+
+def _gathered_dots(base, rows, q, plan, out):
+    """out[i] = numpy's (base[rows[i]] * q).sum() in float64, for every i (``plan``: _pairwise_plan)."""
+    dim = base.shape[1]
+    buf = np.empty(dim)
+    stack = np.empty(plan.shape[0])
+    for i in range(rows.shape[0]):
+        x = base[rows[i]]
+        for j in range(dim):
+            buf[j] = np.float64(x[j]) * q[j]
+        sp = 0
+        for t in range(plan.shape[0]):
+            if plan[t, 0] == 1:
+                stack[sp - 2] = stack[sp - 2] + stack[sp - 1]
+                sp -= 1
+                continue
+            lo, n = plan[t, 1], plan[t, 2]
+            if n < 8:
+                res = 0.0
+                for k in range(n):
+                    res += buf[lo + k]
+            else:
+                r0, r1, r2, r3 = buf[lo], buf[lo + 1], buf[lo + 2], buf[lo + 3]
+                r4, r5, r6, r7 = buf[lo + 4], buf[lo + 5], buf[lo + 6], buf[lo + 7]
+                k, m = 8, n - n % 8
+                while k < m:
+                    r0 += buf[lo + k]
+                    r1 += buf[lo + k + 1]
+                    r2 += buf[lo + k + 2]
+                    r3 += buf[lo + k + 3]
+                    r4 += buf[lo + k + 4]
+                    r5 += buf[lo + k + 5]
+                    r6 += buf[lo + k + 6]
+                    r7 += buf[lo + k + 7]
+                    k += 8
+                res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+                while k < n:
+                    res += buf[lo + k]
+                    k += 1
+            stack[sp] = res
+            sp += 1
+        out[i] = 0.0 + stack[0]
+
+
+_compiled_dots = None
+_plans: dict[int, np.ndarray] = {}
+_compile_lock = threading.Lock()  # the repair runs on a thread per rule: compile once
+
+
+def gathered_dots(base: np.ndarray, rows: np.ndarray, q: np.ndarray, out: np.ndarray) -> None:
+    """Fill ``out`` [m] float64 with ``(base[rows] * q).sum(axis=1)`` exactly as numpy computes it,
+    without the [m, dim] temporaries. ``base`` [n, dim] C-contiguous float32 or float64 (a mapped
+    table too), ``rows`` [m] int64 (each < n: not checked here), ``q`` [dim] float64. Releases the GIL."""
+    global _compiled_dots
+    dim = base.shape[1]
+    with _compile_lock:
+        if _compiled_dots is None:
+            import numba
+
+            _compiled_dots = numba.njit(nogil=True, cache=True)(_gathered_dots)
+        if dim not in _plans:
+            _plans[dim] = np.array(_pairwise_plan(dim), dtype=np.int64)
+    _compiled_dots(np.asarray(base), rows, q, _plans[dim], out)  # (a memmap as the plain array it is)
+
+
+def dots_usable(base) -> bool:
+    """Whether ``gathered_dots`` takes ``base`` as it is (else knn.py keeps its numpy expression)."""
+    return (available() and isinstance(base, np.ndarray) and base.ndim == 2 and base.flags.c_contiguous
+            and base.dtype in (np.float32, np.float64) and base.shape[1] > 0)

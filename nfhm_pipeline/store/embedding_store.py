@@ -133,13 +133,14 @@ def shard_digits_for(n_images: int) -> int:
 
 
 def shard_of(image_id: str, digits: int) -> str:
-    """The shard of ``image_id``: its first ``digits`` hex characters (an image_id is a sha256 hex);
-    an id that is not lowercase hex (a library caller's own ids) is sharded by the sha256 of it."""
+    """The shard of ``image_id``: its first ``digits`` hex characters when it is a sha256 hex digest
+    (as every manifest's ids are: uniformly spread). Any other id (a library caller's own, such as
+    catalogue numbers "000123…", whose leading characters are far from uniform) is sharded by the
+    sha256 of it, so parts stay near PART_ROWS rows whatever the ids look like."""
     if digits == 0:
         return "all"
-    head = image_id[:digits]
-    if len(head) == digits and _HEX.issuperset(head):
-        return head
+    if len(image_id) == 64 and _HEX.issuperset(image_id):
+        return image_id[:digits]
     return hashlib.sha256(image_id.encode()).hexdigest()[:digits]
 
 
@@ -297,7 +298,10 @@ class EmbeddingStore:
                     fingerprint = fingerprint if fingerprint is not None else piece.fingerprint
                 rows = dest[start:start + len(piece)]
                 keep = rows >= 0  # a stored duplicate id: its last row is the one read
-                out[rows[keep]] = piece.vectors[keep]
+                if keep.all():  # (no masked copy of the part's vectors)
+                    out[rows] = piece.vectors
+                else:
+                    out[rows[keep]] = piece.vectors[keep]
                 start += len(piece)
             vectors = fill.done()
         return EmbeddingTable(ids[take].astype(object), vectors, fingerprint or "")
