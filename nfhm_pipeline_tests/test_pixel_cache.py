@@ -115,6 +115,27 @@ def test_packed_cache_gives_the_per_image_paths_pixels_and_embeddings_across_chu
     np.testing.assert_array_equal(uncached.table.vectors, expected)
 
 
+@pytest.mark.parametrize("ahead", [0, 2])
+def test_batches_made_in_line_or_prefetched_give_the_same_cache_and_embeddings(tmp_path, ahead):
+    """On CPU the batches are made in line by default (prefetch_batches None -> 0); with batches
+    prefetched on a thread (the CUDA default) the cache and the vectors are the same."""
+    manifest = collection(tmp_path / "img", 14)
+    embedder = load_embedder(RAW)
+    reference = reference_pixels(manifest, embedder.preprocess)
+    cache = PixelCache(tmp_path / "pixels", max_bytes=None, chunk_bytes=3 * ROW_BYTES)
+    settings = EmbedSettings(batch_size=4, chunk_size=6, prefetch_batches=ahead)
+    timings = EmbedTimings()
+    report = embed_manifest(EmbeddingStore(tmp_path / "lake"), "d", "raw", manifest, embedder, cache, settings,
+                            timings=timings)
+    expected = np.concatenate([embedder.embed_uint8(torch.from_numpy(reference[a:b])).numpy()
+                               for c in range(0, 14, 6) for a, b in [(c, min(c + 4, c + 6, 14)),
+                                                                     (c + 4, min(c + 6, 14))] if a < b])
+    np.testing.assert_array_equal(report.table.vectors, expected)
+    assert sorted(i for c in chunk_ids(cache, embedder.preprocess.pixel_key) for i in c) == sorted(manifest["image_id"])
+    if ahead == 0:  # the forward loop waited for every batch it made
+        assert timings.wait_s >= timings.decode_s * 0.9
+
+
 def test_a_file_rewritten_after_the_manifest_is_neither_cached_nor_embedded(tmp_path):
     manifest = collection(tmp_path / "img", 6)
     photo(99, (30, 20)).save(manifest["uri"][4])

@@ -52,22 +52,25 @@ class EmbedSettings:
     """batch_size: images per forward pass. num_workers: no longer used (decoding runs in threads of
     this process, `decode_threads`); kept so existing callers need no change. chunk_size: images per
     checkpoint. decode_threads: decoding threads, None = one per core this process may use.
-    prefetch_batches: batches decoded ahead of the forward pass."""
+    prefetch_batches: batches decoded ahead of the forward pass, in a background thread; None: 2 on
+    CUDA, 0 on CPU (each batch decoded just before its forward pass, on every core: on a CPU both
+    share the same cores, and a decoding thread that wakes during the forward pass stalls torch's
+    threads at their barriers: MobileNetV2 cold went from 0.75x to 0.9x of the bare forward)."""
 
     batch_size: int = 64
     num_workers: int = 2
     chunk_size: int = 1024  # images per checkpoint
     device: str = "cpu"
     decode_threads: int | None = None
-    prefetch_batches: int = 2
+    prefetch_batches: int | None = None
 
 
 @dataclass
 class EmbedTimings:
     """Seconds spent, summed over a run: decode_s producing batches (cache reads, file reads, hashing,
-    decoding, resizing, cache writes; in the background thread, overlapping the forward pass),
-    forward_s in the forward pass, wait_s by the forward loop waiting for a batch (near 0 when
-    the prefetching keeps up)."""
+    decoding, resizing, cache writes; in the background thread, overlapping the forward pass, when
+    batches are prefetched), forward_s in the forward pass, wait_s by the forward loop waiting for a
+    batch (near 0 when the prefetching keeps up; without prefetching, the decode time)."""
 
     decode_s: float = 0.0
     forward_s: float = 0.0
@@ -195,7 +198,8 @@ _DONE = object()
 
 class _Prefetcher:
     """Produces (positions, uint8 tensor [n, 3, S, S], failure messages, buffer) per batch, in order,
-    in a background thread; `release(buffer)` hands a buffer back once its forward pass is done."""
+    in a background thread (or, with no batches ahead, in line as the forward loop asks); `release(buffer)`
+    hands a buffer back once its forward pass is done."""
 
     def __init__(self, batches, image_ids, uris, spec: PreprocessSpec, cache: PixelCache | None,
                  settings: EmbedSettings, dataset: str | None, timings: EmbedTimings):
@@ -203,21 +207,29 @@ class _Prefetcher:
 
         self.batches, self.image_ids, self.uris = batches, image_ids, uris
         self.spec, self.cache, self.settings, self.dataset, self.timings = spec, cache, settings, dataset, timings
-        self.ready: queue.Queue = queue.Queue(maxsize=max(1, settings.prefetch_batches))
+        cuda = str(settings.device).startswith("cuda")
+        ahead = settings.prefetch_batches if settings.prefetch_batches is not None else (2 if cuda else 0)
+        self.ready: queue.Queue = queue.Queue(maxsize=max(1, ahead))
         self.free: queue.Queue = queue.Queue()
-        pin = str(settings.device).startswith("cuda") and torch.cuda.is_available()
+        pin = cuda and torch.cuda.is_available()
         rows = max((len(b) for b in batches), default=0)
-        for _ in range(min(len(batches), max(1, settings.prefetch_batches) + 2)):
+        for _ in range(min(len(batches), ahead + 2 if ahead > 0 else 1)):
             self.free.put(torch.empty((rows, 3, spec.size, spec.size), dtype=torch.uint8, pin_memory=pin))
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._produce, name="nfhm-pixel-batches", daemon=True)
+        self.thread = (threading.Thread(target=self._produce, name="nfhm-pixel-batches", daemon=True)
+                       if ahead > 0 else None)  # None: batches made in line, in __iter__
 
     def __enter__(self):
-        self.thread.start()
+        if self.thread is not None:
+            self.thread.start()
         return self
 
     def __exit__(self, *exc):
         self.stop.set()
+        if self.thread is None:
+            if getattr(self, "_inline", None) is not None:
+                self._inline.close()  # stopped early: its finally closes the cache writer now
+            return
         while self.thread.is_alive():  # unblock a producer waiting on a full queue
             try:
                 self.ready.get(timeout=0.05)
@@ -229,6 +241,15 @@ class _Prefetcher:
         self.free.put(buffer)
 
     def __iter__(self):
+        if self.thread is None:  # no prefetching: each batch is made when the forward loop asks
+            produced = self._inline = self._produced()
+            while True:
+                t0 = time.perf_counter()
+                item = next(produced, _DONE)
+                self.timings.wait_s += time.perf_counter() - t0
+                if item is _DONE:
+                    return
+                yield item
         while True:
             t0 = time.perf_counter()
             item = self.ready.get()
@@ -257,6 +278,18 @@ class _Prefetcher:
         return None
 
     def _produce(self) -> None:
+        """The background thread: every batch of ``_produced`` into the queue, then _DONE (or the error)."""
+        try:
+            for item in self._produced():
+                if not self._put(item):
+                    return
+            self._put(_DONE)
+        except BaseException as e:  # noqa: BLE001 - handed to the forward loop, which raises it
+            self._put(e)
+
+    def _produced(self):
+        """(positions, pixels, failure messages, buffer) per batch, in order; the pixel-cache
+        writer is closed after the last one (or, stopped early, quietly: what was written is valid)."""
         threads = self.settings.decode_threads or available_cores()
         writer = self.cache.writer(self.spec.pixel_key, self.spec.size) if self.cache is not None else None
         try:
@@ -269,16 +302,12 @@ class _Prefetcher:
                     pixels = buffer[:len(positions)]
                     failed = self._fill(positions, pixels.numpy(), pool, writer)
                     self.timings.decode_s += time.perf_counter() - t0
-                    if not self._put((np.asarray(positions, dtype=np.int64), pixels, failed, buffer)):
-                        return
+                    yield np.asarray(positions, dtype=np.int64), pixels, failed, buffer
             if writer is not None:
                 t0 = time.perf_counter()
                 writer.close()
                 self.timings.decode_s += time.perf_counter() - t0
                 writer = None
-            self._put(_DONE)
-        except BaseException as e:  # noqa: BLE001 - handed to the forward loop, which raises it
-            self._put(e)
         finally:
             if writer is not None:  # stopped early: keep what was decoded (valid entries), quietly
                 try:

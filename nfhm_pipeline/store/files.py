@@ -106,8 +106,9 @@ def write_parquet(frame, path: str | os.PathLike, *, hint: str = WRITE_HINT) -> 
     return path
 
 
-def write_parquet_table(table, path: str, filesystem=None, *, hint: str = WRITE_HINT) -> str:
-    """Write the pyarrow ``table`` to ``path`` on ``filesystem`` (a pyarrow FileSystem; None = local).
+def write_parquet_table(table, path: str, filesystem=None, *, hint: str = WRITE_HINT, **options) -> str:
+    """Write the pyarrow ``table`` to ``path`` on ``filesystem`` (a pyarrow FileSystem; None = local);
+    ``options`` go to ``pyarrow.parquet.write_table``.
 
     Local paths go through :func:`atomic_path`; on object storage the single PUT is atomic already
     and the object is written in place. Either way an OSError becomes a StorageError naming ``path``.
@@ -117,12 +118,12 @@ def write_parquet_table(table, path: str, filesystem=None, *, hint: str = WRITE_
 
     if filesystem is None or isinstance(filesystem, pafs.LocalFileSystem):
         with atomic_path(path, hint=hint) as tmp:
-            pq.write_table(table, str(tmp))
+            pq.write_table(table, str(tmp), **options)
         return path
     parent = path.rsplit("/", 1)[0]
     try:
         filesystem.create_dir(parent, recursive=True)
-        pq.write_table(table, path, filesystem=filesystem)
+        pq.write_table(table, path, filesystem=filesystem, **options)
     except OSError as exc:
         raise StorageError(cannot_write(path, exc, hint)) from None
     return path
