@@ -283,3 +283,29 @@ def test_a_write_of_a_table_keeps_its_rows(tmp_path):
     store.write("d", "m", EmbeddingTable(np.array(ids[:2], dtype=object), table.vectors[:2], "fp"))
     assert_table(store, ids[:2])
     assert len(part_files(store)) == 1
+
+
+def test_groups_of_shards_stay_within_a_chunk_and_only_a_larger_shard_is_checkpointed(tmp_path):
+    """Shards are grouped up to chunk_size missing images; a group never spills into a second
+    chunk, so checkpoints (``_staging/ckpt-*``) are written only for a shard larger than a chunk."""
+    ids = image_ids(10_000)  # 16 shards of ~625
+    store = EmbeddingStore(tmp_path)
+    staging = tmp_path / "embeddings" / "dataset=d" / "model=m" / "_staging"
+    seen_checkpoints = []
+
+    class Watching(Embedder):
+        def __call__(self, positions):
+            seen_checkpoints.extend(p.name for p in staging.glob("ckpt-*")) if staging.exists() else None
+            yield from super().__call__(positions)
+
+    embedder = Watching(ids)
+    store.embed_incrementally("d", "m", ids, "fp", embedder, chunk_size=2_000)
+    assert all(len(call) <= 2_000 for call in embedder.asked) and sorted(embedder.embedded) == sorted(ids)
+    assert len(embedder.asked) < 16 and not seen_checkpoints  # several shards per call, no checkpoint
+    assert_table(store, ids)
+
+    embedder = Watching(ids)
+    store.embed_incrementally("d", "m", ids, "fp2", embedder, chunk_size=400)  # every shard > a chunk
+    assert all(len(call) <= 400 for call in embedder.asked) and sorted(embedder.embedded) == sorted(ids)
+    assert seen_checkpoints  # each shard's first chunk was checkpointed before its second was asked
+    assert_table(store, ids)

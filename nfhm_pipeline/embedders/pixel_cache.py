@@ -164,11 +164,14 @@ class PixelCache:
         array: True where the image was found (rows of the others are left as they were)."""
         found = np.zeros(len(image_ids), dtype=bool)
         index = self._index.get(pixel_key)
-        if index is None or any(i not in index for i in image_ids):
+        if index is None:
             index = self.refresh(pixel_key)
+        hits = list(map(index.get, image_ids))
+        if None in hits:  # another run may have added chunks since: look at the folder once more
+            index = self.refresh(pixel_key)
+            hits = list(map(index.get, image_ids))
         by_chunk: dict[str, list[tuple[int, int]]] = {}
-        for i, image_id in enumerate(image_ids):
-            hit = index.get(image_id)
+        for i, hit in enumerate(hits):
             if hit is not None:
                 by_chunk.setdefault(hit[0], []).append((hit[1], i))
         size = out.shape[-1]

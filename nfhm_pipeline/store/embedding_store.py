@@ -64,7 +64,7 @@ STAGING = "_staging"
 PART_ROWS = 4096  # target images per part: 12 MB at 768 dims
 _PART_NAME = re.compile(r"^part-(?P<shard>all|[0-9a-f]+)-[0-9a-f]{32}\.parquet$")
 _CHECKPOINT_NAME = re.compile(r"^ckpt-[0-9a-f]{32}\.parquet$")  # a chunk of a shard still being embedded
-_HEX = frozenset("0123456789abcdef")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # a digest, as the manifest's image ids are
 
 
 @dataclass
@@ -139,7 +139,7 @@ def shard_of(image_id: str, digits: int) -> str:
     sha256 of it, so parts stay near PART_ROWS rows whatever the ids look like."""
     if digits == 0:
         return "all"
-    if len(image_id) == 64 and _HEX.issuperset(image_id):
+    if _SHA256_HEX.fullmatch(image_id):
         return image_id[:digits]
     return hashlib.sha256(image_id.encode()).hexdigest()[:digits]
 
@@ -501,7 +501,9 @@ class EmbeddingStore:
 
         def flush() -> None:
             todo = [p for _, _, t, _ in pending for p in t]
-            fresh: dict[int, np.ndarray] = {}
+            fresh: dict[int, int] = {}  # position -> its row of fresh_vectors (a position yielded twice: the last)
+            fresh_parts: list[np.ndarray] = []
+            n_fresh = 0
             chunks = [todo[i:i + chunk_size] for i in range(0, len(todo), max(1, chunk_size))]
             for chunk in chunks:
                 t0 = time.perf_counter()
@@ -513,13 +515,21 @@ class EmbeddingStore:
                 if not got_pos:
                     continue
                 vectors = np.concatenate(got_vec)
-                fresh.update(zip(got_pos, vectors))
+                fresh.update(zip(got_pos, range(n_fresh, n_fresh + len(got_pos))))
+                n_fresh += len(got_pos)
+                fresh_parts.append(vectors)
                 if len(chunks) > 1:  # a shard larger than a chunk: checkpoint each chunk for a resume
                     _write_parquet(self.fs, f"{folder}/{STAGING}/ckpt-{uuid.uuid4().hex}.parquet",
                                    EmbeddingTable(np.array([wanted[p] for p in got_pos], dtype=object), vectors,
                                                   fingerprint), model)
+            fresh_vectors = (np.concatenate(fresh_parts) if fresh_parts
+                             else np.zeros((0, dim[0] or 0), np.float32))
             for shard, positions, _, sources in pending:
                 ids_s = [wanted[p] for p in positions]
+                if not sources and all(p in fresh for p in positions):  # all embedded now: one gather
+                    vectors = fresh_vectors[[fresh[p] for p in positions]]
+                    write_part(shard, ids_s, vectors)
+                    continue
                 need = set(ids_s)
                 known: dict[str, np.ndarray] = {}
                 for path in sources:
@@ -530,25 +540,27 @@ class EmbeddingStore:
                 rows = []
                 for p, iid in zip(positions, ids_s):
                     vec = known.get(iid)
-                    if vec is None:
-                        vec = fresh.get(p)
+                    if vec is None and p in fresh:
+                        vec = fresh_vectors[fresh[p]]
                     if vec is None:
                         raise StorageError(f"{dataset}/{model}: the embedder returned no vector for "
                                            f"image {iid} (and maybe others of its shard {shard})")
                     rows.append(vec)
-                vectors = np.stack(rows).astype(np.float32, copy=False)
-                if dim[0] is None:
-                    dim[0] = int(vectors.shape[1])
-                finite[0] = finite[0] and bool(np.isfinite(vectors).all())
-                name = f"part-{shard}-{uuid.uuid4().hex}.parquet"
-                target = f"{folder}/{name}" if self.remote else f"{folder}/{STAGING}/{name}"
-                _write_parquet(self.fs, target, EmbeddingTable(np.array(ids_s, dtype=object), vectors, fingerprint),
-                               model)
-                if not self.remote:
-                    staged.append(name)
-                new_parts.append(_Part(name, shard, len(ids_s), ids_digest(ids_s)))
-                counts["written"] += 1
+                write_part(shard, ids_s, np.stack(rows).astype(np.float32, copy=False))
             pending.clear()
+
+        def write_part(shard: str, ids_s: list[str], vectors: np.ndarray) -> None:
+            if dim[0] is None:
+                dim[0] = int(vectors.shape[1])
+            finite[0] = finite[0] and bool(np.isfinite(vectors).all())
+            name = f"part-{shard}-{uuid.uuid4().hex}.parquet"
+            target = f"{folder}/{name}" if self.remote else f"{folder}/{STAGING}/{name}"
+            _write_parquet(self.fs, target, EmbeddingTable(np.array(ids_s, dtype=object), vectors, fingerprint),
+                           model)
+            if not self.remote:
+                staged.append(name)
+            new_parts.append(_Part(name, shard, len(ids_s), ids_digest(ids_s)))
+            counts["written"] += 1
 
         pending_todo = 0
         for shard in sorted(groups):
@@ -584,6 +596,11 @@ class EmbeddingStore:
                     known |= hit
                     counts["resumed"] += len(hit)
             todo = [p for p, iid in zip(positions, ids_s) if iid not in known]
+            if pending and pending_todo + len(todo) > chunk_size:
+                # embed what is pending first: a group stays within one chunk, so only a shard
+                # larger than a chunk is split (and checkpointed chunk by chunk)
+                flush()
+                pending_todo = 0
             pending.append((shard, positions, todo, sources))
             pending_todo += len(todo)
             if pending_todo >= chunk_size or not todo:
