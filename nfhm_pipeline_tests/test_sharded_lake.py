@@ -309,3 +309,35 @@ def test_groups_of_shards_stay_within_a_chunk_and_only_a_larger_shard_is_checkpo
     assert all(len(call) <= 400 for call in embedder.asked) and sorted(embedder.embedded) == sorted(ids)
     assert seen_checkpoints  # each shard's first chunk was checkpointed before its second was asked
     assert_table(store, ids)
+
+
+def test_a_lake_sharded_by_the_earlier_rule_for_non_digest_ids_is_resharded_without_re_embedding(tmp_path, monkeypatch):
+    """Ids that are not sha256 digests (catalogue numbers) used to be sharded by their first
+    characters, so 10,000 of them sat in one part; hashed now, they move to 16 parts, each vector
+    taken from the old part rather than embedded again."""
+    from nfhm_pipeline.store import embedding_store
+
+    ids = [f"{i:09d}" for i in range(10_000)]
+    vectors = {i: vector_of(hashlib.sha256(i.encode()).hexdigest()) for i in ids}
+
+    def earlier_rule(image_id, digits):
+        return "all" if digits == 0 else image_id[:digits]
+
+    store = EmbeddingStore(tmp_path)
+    with monkeypatch.context() as m:
+        m.setattr(embedding_store, "shard_of", earlier_rule)
+        store.write("d", "m", EmbeddingTable(np.array(ids, dtype=object), np.stack([vectors[i] for i in ids]), "fp"))
+    assert len(store.part_paths("d", "m")) == 1  # every id begins with "0"
+
+    asked = []
+
+    def embed_chunk(positions):
+        asked.extend(positions)
+        yield list(positions), np.stack([vectors[ids[p]] for p in positions])
+
+    report = store.embed_incrementally("d", "m", ids, "fp", embed_chunk, chunk_size=4096)
+    assert asked == [] and report.new == 0 and report.reused == 10_000
+    assert len(store.part_paths("d", "m")) == 16
+    table = store.read("d", "m", order=ids)
+    assert table.image_ids.tolist() == ids
+    np.testing.assert_array_equal(table.vectors, np.stack([vectors[i] for i in ids]))

@@ -584,9 +584,13 @@ class EmbeddingStore:
                     dim[0] = read_piece(adopt).dim
                 continue
             need, known, sources = set(ids_s), set(), []
+            # an id that is not a sha256 digest may sit in any old part: before the lake hashed such
+            # ids (shard_of) it sharded them by their first characters, so a same-fingerprint run
+            # looks for their vectors in every part instead of embedding them again
+            anywhere = not all(_SHA256_HEX.fullmatch(iid) for iid in ids_s)
             if same:
                 for old in old_parts:
-                    if _overlaps(old.shard, shard) and (hit := (ids_of_old(old) & need) - known):
+                    if (anywhere or _overlaps(old.shard, shard)) and (hit := (ids_of_old(old) & need) - known):
                         sources.append(f"{folder}/{old.file}")
                         known |= hit
                         counts["reused"] += len(hit)
