@@ -51,6 +51,7 @@ from nfhm_pipeline.errors import EvaluationError
 from nfhm_pipeline.evaluation import knn_kernels
 from nfhm_pipeline.evaluation.names import (KNN_L2_RULES, KNN_RULES, MEAN_COSINE, MEAN_EUCLIDEAN,
                                            MEAN_EUCLIDEAN_L2, TOP1_COSINE, TOP1_EUCLIDEAN, TOP1_EUCLIDEAN_L2)
+from nfhm_pipeline.evaluation.vectors import finite_rows
 
 RULES = KNN_RULES  # the names are declared in evaluation.names
 L2_RULES = KNN_L2_RULES
@@ -163,9 +164,7 @@ def _as_matrix(x, name: str):
         raise EvaluationError(f"{name} must hold numbers, got dtype {x.dtype}.")
     if x.shape[0] == 0:
         raise EvaluationError(f"{name} has no rows: nearest-neighbour evaluation needs train and test vectors.")
-    chunk = 8192  # checked in row chunks: neither a view nor a large array is read (or copied) whole
-    bad = np.concatenate([a + np.flatnonzero(~np.isfinite(x[a:a + chunk]).all(axis=1))
-                          for a in range(0, x.shape[0], chunk)])
+    bad = np.flatnonzero(~finite_rows(x))  # block by block: neither a view nor a large array is copied whole
     if bad.size:
         raise EvaluationError(
             f"{name} row {bad[0]} (and {bad.size - 1} more) holds NaN or infinite values; "

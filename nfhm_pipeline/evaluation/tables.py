@@ -29,6 +29,7 @@ import pyarrow as pa
 from nfhm_pipeline.evaluation.classification import per_class_report, summarize_predictions, topk_accuracy
 from nfhm_pipeline.evaluation import names
 from nfhm_pipeline.evaluation.knn import Rows, nearest_neighbour_scores
+from nfhm_pipeline.evaluation.vectors import per_row
 from nfhm_pipeline.store.embedding_store import EmbeddingTable
 
 ALL = "all"
@@ -192,10 +193,7 @@ def labelled(frame: pd.DataFrame, level: str) -> np.ndarray:
 
 def zero_vectors(vectors: np.ndarray) -> np.ndarray:
     """bool per row: the embedding is all zeros (its cosine to anything is undefined)."""
-    out = np.empty(len(vectors), dtype=bool)
-    for a in range(0, len(vectors), 8192):  # in row chunks: a mapped table is never read whole
-        out[a:a + 8192] = ~np.any(np.asarray(vectors[a:a + 8192]) != 0, axis=1)
-    return out
+    return per_row(vectors, lambda block: ~np.any(block != 0, axis=1))  # a mapped table is never read whole
 
 
 def _class_indices(classes: np.ndarray, labels: np.ndarray) -> np.ndarray:

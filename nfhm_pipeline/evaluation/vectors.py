@@ -1,4 +1,5 @@
-"""Unit-length rows, the one helper every cosine in the evaluation goes through."""
+"""Unit-length rows, the one helper every cosine in the evaluation goes through; and row-wise checks
+that read a (possibly memory-mapped) table a block of rows at a time."""
 from __future__ import annotations
 
 import numpy as np
@@ -27,3 +28,21 @@ def unit_rows(x, name: str = "embeddings", *, dtype=np.float64, checked: bool = 
             raise EvaluationError(f"{name}: {len(zero)} row(s) have zero norm (first at row {zero[0]}); "
                                   "cosine is undefined.")
     return x / norms
+
+
+ROW_BLOCK = 8192  # rows read at once by `per_row`
+
+
+def per_row(x, test) -> np.ndarray:
+    """bool [rows]: ``test(block)`` (a bool per row of an in-memory block) over ``x`` a block of
+    ``ROW_BLOCK`` rows at a time, so that neither a memory-mapped table nor a view of one
+    (``knn.Rows``) is read or copied whole."""
+    out = np.empty(len(x), dtype=bool)
+    for a in range(0, len(x), ROW_BLOCK):
+        out[a:a + ROW_BLOCK] = test(np.asarray(x[a:a + ROW_BLOCK]))
+    return out
+
+
+def finite_rows(x) -> np.ndarray:
+    """bool [rows]: the row holds no NaN or infinity."""
+    return per_row(x, lambda block: np.isfinite(block).all(axis=1))

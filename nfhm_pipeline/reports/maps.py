@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from nfhm_pipeline.errors import EvaluationError, StorageError
+from nfhm_pipeline.evaluation.vectors import finite_rows
 from nfhm_pipeline.reports.plots import new_figure, wrap_title
 
 # The default grid: 3 x 2 = 6 fits, one shared neighbour graph.
@@ -212,8 +213,8 @@ def umap_grid(
     for lvl, values in labels.items():
         if len(values) != n_total:
             raise EvaluationError(f"labels for level {lvl!r} have {len(values)} entries, embeddings {n_total} rows")
-    # in row chunks: a memory-mapped table (the stage's) is subsampled below, never read whole
-    if not all(np.isfinite(x[a:a + 8192]).all() for a in range(0, n_total, 8192)):
+    # block by block: a memory-mapped table (the stage's) is subsampled below, never read whole
+    if not finite_rows(x).all():
         raise EvaluationError("embeddings contain NaN or inf; re-embed the affected images first")
 
     note = ""
