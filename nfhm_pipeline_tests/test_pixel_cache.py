@@ -114,6 +114,28 @@ def test_packed_cache_gives_the_per_image_paths_pixels_and_embeddings_across_chu
     uncached = embed(tmp_path / "lake-off", manifest, embedder, None)  # `cache: off`
     np.testing.assert_array_equal(uncached.table.vectors, expected)
 
+def test_batches_read_as_one_run_or_image_by_image_give_the_same_pixels(tmp_path):
+    """read_into copies a batch that is one run of a chunk in one step; every other batch (reversed,
+    across two chunks, with gaps, with an id not cached) goes image by image: the same pixels."""
+    cache = PixelCache(tmp_path, max_bytes=None)
+    size, key = 4, "4-test"
+    rng = np.random.default_rng(0)
+    ids = [f"{i:064x}" for i in range(23)]
+    pixels = {i: rng.integers(0, 256, (3, size, size), dtype=np.uint8) for i in ids}
+    cache.write_chunk(key, ids[:10], np.stack([pixels[i] for i in ids[:10]]))
+    cache.write_chunk(key, ids[10:], np.stack([pixels[i] for i in ids[10:]]))
+    fresh = PixelCache(tmp_path, max_bytes=None)  # a reader that did not write them
+    batches = [ids[:10], ids[2:7], ids[12:23], ids[6:14], ids[:10][::-1], ids[0:10:2], [ids[3]],
+               ids[3:6] + ["f" * 64] + ids[6:8], ids[5:9] + ids[5:6]]
+    for reader in (cache, fresh):
+        for batch in batches:
+            out = np.full((len(batch), 3, size, size), 7, dtype=np.uint8)
+            found = reader.read_into(key, batch, out)
+            assert found.tolist() == [i in pixels for i in batch]
+            for row, iid in zip(out, batch):
+                np.testing.assert_array_equal(row, pixels.get(iid, np.full((3, size, size), 7, np.uint8)))
+
+
 
 @pytest.mark.parametrize("ahead", [0, 2])
 def test_batches_made_in_line_or_prefetched_give_the_same_cache_and_embeddings(tmp_path, ahead):

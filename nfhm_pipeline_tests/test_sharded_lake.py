@@ -14,7 +14,7 @@ import pytest
 
 from nfhm_pipeline.store import warehouse
 from nfhm_pipeline.store.embedding_store import (
-    PART_ROWS, EmbeddingStore, EmbeddingTable, shard_digits_for, shard_of,
+    PART_ROWS, EmbeddingStore, EmbeddingTable, all_digests, ids_digest, shard_digits_for, shard_of,
 )
 from nfhm_pipeline.store.schemas import embedding_schema
 
@@ -74,6 +74,29 @@ def test_shard_width_follows_the_collection_size():
     # spread over the 16 one-digit shards instead of all falling into shard "0"
     numbered = [shard_of(f"{i:09d}", 1) for i in range(10_000)]
     assert len(set(numbered)) == 16 and max(numbered.count(s) for s in set(numbered)) < 1000
+
+
+def test_the_digest_check_and_the_ids_digest_equal_plain_per_id_references():
+    import re
+
+    def digest_reference(ids):  # the part index's ids_sha256 as first written: one update per id
+        h = hashlib.sha256()
+        for iid in sorted(ids):
+            h.update(iid.encode())
+            h.update(b"\n")
+        return h.hexdigest()
+
+    digests = image_ids(50)
+    one = digests[0]
+    hostile = [one.upper(), one[:63], one + "0", one[:63] + "\n", one[:63] + "é", "g" * 64, " " * 64,
+               one[:63] + "\u0660", "", "catalogue-000123", "a\nb", "ü"]
+    for extra in [[]] + [[h] for h in hostile]:
+        ids = digests + extra
+        assert all_digests(ids) == all(re.fullmatch(r"[0-9a-f]{64}", i) is not None for i in ids), extra
+        assert ids_digest(ids) == digest_reference(ids) == ids_digest(reversed(ids)), extra
+    assert all_digests([]) and ids_digest([]) == digest_reference([])
+    # ids that are not all digests are sharded one by one (by their hash), digests by their prefix
+    assert {shard_of(i, 2) for i in digests} == {i[:2] for i in digests}
 
 
 def test_ten_thousand_images_are_sixteen_parts_each_holding_its_prefix(tmp_path):

@@ -170,11 +170,14 @@ class PixelCache:
         if None in hits:  # another run may have added chunks since: look at the folder once more
             index = self.refresh(pixel_key)
             hits = list(map(index.get, image_ids))
+        size = out.shape[-1]
+        if hits and None not in hits and self._read_run(pixel_key, hits, out, size):
+            found[:] = True
+            return found
         by_chunk: dict[str, list[tuple[int, int]]] = {}
         for i, hit in enumerate(hits):
             if hit is not None:
                 by_chunk.setdefault(hit[0], []).append((hit[1], i))
-        size = out.shape[-1]
         for chunk, pairs in by_chunk.items():
             ids = self._fragments[pixel_key].get(chunk)
             pixels = self._chunk(pixel_key, chunk, len(ids), size) if ids is not None else None
@@ -198,6 +201,29 @@ class PixelCache:
                 continue
             found[dest] = True
         return found
+
+    def _read_run(self, pixel_key: str, hits: list, out: np.ndarray, size: int) -> bool:
+        """The common warm case in one copy: every image of the batch in one chunk, at consecutive
+        rows in the batch's order (a chunk is filled in the order the pipeline embeds, so a warm run
+        meets its batches again as such runs). False: not that case
+        (or the chunk is gone), for the general path to handle."""
+        chunk, first = hits[0]
+        n = len(hits)
+        if hits[-1] != (chunk, first + n - 1) or any(h[0] != chunk for h in hits):
+            return False
+        rows = np.fromiter((h[1] for h in hits), dtype=np.int64, count=n)
+        if not np.array_equal(rows, np.arange(first, first + n)):
+            return False
+        ids = self._fragments[pixel_key].get(chunk)
+        pixels = self._chunk(pixel_key, chunk, len(ids), size) if ids is not None else None
+        if pixels is None:
+            return False
+        dest = out[:n]
+        try:
+            dest[...] = pixels[first:first + n]
+        except OSError:  # the file went away under the map: the general path forgets it and decodes
+            return False
+        return True
 
     def get(self, pixel_key: str, image_id: str, size: int) -> np.ndarray | None:
         """One image's cached pixels (a copy), or None."""

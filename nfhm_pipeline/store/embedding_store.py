@@ -146,11 +146,9 @@ def shard_of(image_id: str, digits: int) -> str:
 
 def ids_digest(image_ids: Iterable[str]) -> str:
     """Order-free digest of a set of image ids (what a part holds, whatever its row order)."""
-    h = hashlib.sha256()
-    for iid in sorted(image_ids):
-        h.update(iid.encode())
-        h.update(b"\n")
-    return h.hexdigest()
+    ids = sorted(image_ids)
+    # the bytes of "id\n" for each id in order, hashed in one update (as many updates would)
+    return hashlib.sha256(("\n".join(ids) + "\n").encode() if ids else b"").hexdigest()
 
 
 def _overlaps(a: str, b: str) -> bool:
@@ -480,9 +478,15 @@ class EmbeddingStore:
                 old_ids[part.file] = set(_read_ids(self.fs, f"{folder}/{part.file}"))
             return old_ids[part.file]
 
+        digests: dict[str, str] = {}  # shard -> ids_digest of its wanted ids, computed once
+
+        def digest_of(shard: str) -> str:
+            if shard not in digests:
+                digests[shard] = ids_digest(wanted[p] for p in groups[shard])
+            return digests[shard]
+
         for part in old_parts:  # images gone from the manifest, counted whatever the fingerprint
-            if not (part.shard in kept and part.shard in groups and kept[part.shard].digest == ids_digest(
-                    wanted[p] for p in groups[part.shard])):
+            if not (part.shard in kept and part.shard in groups and kept[part.shard].digest == digest_of(part.shard)):
                 counts["removed"] += len(ids_of_old(part) - wanted_set)
 
         new_parts: list[_Part] = []
@@ -490,7 +494,7 @@ class EmbeddingStore:
         finite = [True]
         dim = [_dim if _dim is not None else (index.dim if same else None)]
         embed_seconds = [0.0]
-        pending: list[tuple[str, list[int], list[int], list[str]]] = []
+        pending: list[tuple[str, list[int], list[int], list[str], str]] = []  # shard, positions, todo, sources, digest
         piece_cache: dict[str, EmbeddingTable] = {}
 
         def read_piece(path: str) -> EmbeddingTable:
@@ -500,7 +504,7 @@ class EmbeddingStore:
             return piece_cache[path]
 
         def flush() -> None:
-            todo = [p for _, _, t, _ in pending for p in t]
+            todo = [p for _, _, t, _, _ in pending for p in t]
             fresh: dict[int, int] = {}  # position -> its row of fresh_vectors (a position yielded twice: the last)
             fresh_parts: list[np.ndarray] = []
             n_fresh = 0
@@ -509,7 +513,7 @@ class EmbeddingStore:
                 t0 = time.perf_counter()
                 got_pos, got_vec = [], []
                 for positions, vectors in embed_chunk(chunk):
-                    got_pos.extend(int(p) for p in positions)
+                    got_pos.extend(np.asarray(positions, dtype=np.int64).tolist())
                     got_vec.append(np.asarray(vectors, dtype=np.float32))
                 embed_seconds[0] += time.perf_counter() - t0
                 if not got_pos:
@@ -524,11 +528,11 @@ class EmbeddingStore:
                                                   fingerprint), model)
             fresh_vectors = (np.concatenate(fresh_parts) if fresh_parts
                              else np.zeros((0, dim[0] or 0), np.float32))
-            for shard, positions, _, sources in pending:
+            for shard, positions, _, sources, digest in pending:
                 ids_s = [wanted[p] for p in positions]
                 if not sources and all(p in fresh for p in positions):  # all embedded now: one gather
                     vectors = fresh_vectors[[fresh[p] for p in positions]]
-                    write_part(shard, ids_s, vectors)
+                    write_part(shard, ids_s, vectors, digest)
                     continue
                 need = set(ids_s)
                 known: dict[str, np.ndarray] = {}
@@ -546,10 +550,10 @@ class EmbeddingStore:
                         raise StorageError(f"{dataset}/{model}: the embedder returned no vector for "
                                            f"image {iid} (and maybe others of its shard {shard})")
                     rows.append(vec)
-                write_part(shard, ids_s, np.stack(rows).astype(np.float32, copy=False))
+                write_part(shard, ids_s, np.stack(rows).astype(np.float32, copy=False), digest)
             pending.clear()
 
-        def write_part(shard: str, ids_s: list[str], vectors: np.ndarray) -> None:
+        def write_part(shard: str, ids_s: list[str], vectors: np.ndarray, digest: str) -> None:
             if dim[0] is None:
                 dim[0] = int(vectors.shape[1])
             finite[0] = finite[0] and bool(np.isfinite(vectors).all())
@@ -559,14 +563,14 @@ class EmbeddingStore:
                            model)
             if not self.remote:
                 staged.append(name)
-            new_parts.append(_Part(name, shard, len(ids_s), ids_digest(ids_s)))
+            new_parts.append(_Part(name, shard, len(ids_s), digest))
             counts["written"] += 1
 
         pending_todo = 0
         for shard in sorted(groups):
             positions = groups[shard]
             ids_s = [wanted[p] for p in positions]
-            digest = ids_digest(ids_s)
+            digest = digest_of(shard)
             part = kept.get(shard)
             if part is not None and part.digest == digest and part.rows == len(ids_s):
                 new_parts.append(part)  # untouched: not rewritten, not re-uploaded
@@ -587,7 +591,7 @@ class EmbeddingStore:
             # an id that is not a sha256 digest may sit in any old part: before the lake hashed such
             # ids (shard_of) it sharded them by their first characters, so a same-fingerprint run
             # looks for their vectors in every part instead of embedding them again
-            anywhere = not all(_SHA256_HEX.fullmatch(iid) for iid in ids_s)
+            anywhere = not all_digests(ids_s)
             if same:
                 for old in old_parts:
                     if (anywhere or _overlaps(old.shard, shard)) and (hit := (ids_of_old(old) & need) - known):
@@ -605,7 +609,7 @@ class EmbeddingStore:
                 # larger than a chunk is split (and checkpointed chunk by chunk)
                 flush()
                 pending_todo = 0
-            pending.append((shard, positions, todo, sources))
+            pending.append((shard, positions, todo, sources, digest))
             pending_todo += len(todo)
             if pending_todo >= chunk_size or not todo:
                 flush()
@@ -670,9 +674,30 @@ class EmbeddingStore:
 def _group_by_shard(ids: Sequence[str], digits: int, positions: bool = False) -> dict[str, list]:
     """Shard -> the ids (or their positions in ``ids``) that fall in it, in the order given."""
     groups: dict[str, list] = {}
+    if digits == 0:
+        return {"all": list(range(len(ids))) if positions else list(ids)} if len(ids) else {}
+    if all_digests(ids):  # the manifest's case: each shard is a prefix, no per-id hashing or matching
+        for i, iid in enumerate(ids):
+            groups.setdefault(iid[:digits], []).append(i if positions else iid)
+        return groups
     for i, iid in enumerate(ids):
         groups.setdefault(shard_of(iid, digits), []).append(i if positions else iid)
     return groups
+
+
+_HEX_DIGITS = b"0123456789abcdef"
+
+
+def all_digests(ids: Sequence[str]) -> bool:
+    """Whether every id is a sha256 hex digest (64 lowercase hex characters): one pass over all of
+    their bytes (delete the hex digits, nothing may be left), not a regular expression per id."""
+    if not all(len(i) == 64 for i in ids):
+        return False
+    try:
+        joined = "".join(ids).encode("ascii")
+    except UnicodeEncodeError:
+        return False
+    return not joined.translate(None, _HEX_DIGITS)
 
 
 def _reading_order(ids: np.ndarray, order) -> np.ndarray | None:
