@@ -126,14 +126,25 @@ def test_batches_read_as_one_run_or_image_by_image_give_the_same_pixels(tmp_path
     cache.write_chunk(key, ids[10:], np.stack([pixels[i] for i in ids[10:]]))
     fresh = PixelCache(tmp_path, max_bytes=None)  # a reader that did not write them
     batches = [ids[:10], ids[2:7], ids[12:23], ids[6:14], ids[:10][::-1], ids[0:10:2], [ids[3]],
-               ids[3:6] + ["f" * 64] + ids[6:8], ids[5:9] + ids[5:6]]
+               ids[3:6] + ["f" * 64] + ids[6:8], ids[5:9] + ids[5:6],
+               [ids[0], ids[2], ids[1], ids[3]]]  # the run's first and last rows, shuffled inside
+    blank = np.full((3, size, size), 7, np.uint8)
     for reader in (cache, fresh):
         for batch in batches:
-            out = np.full((len(batch), 3, size, size), 7, dtype=np.uint8)
-            found = reader.read_into(key, batch, out)
+            out = np.full((len(batch) + 2, 3, size, size), 7, dtype=np.uint8)  # longer than the batch
+            found = reader.read_into(key, batch, out[:len(batch)])
             assert found.tolist() == [i in pixels for i in batch]
             for row, iid in zip(out, batch):
-                np.testing.assert_array_equal(row, pixels.get(iid, np.full((3, size, size), 7, np.uint8)))
+                np.testing.assert_array_equal(row, pixels.get(iid, blank))
+            assert (out[len(batch):] == 7).all()
+    # a chunk deleted before a reader that has not opened it reads it: its images are not found
+    late = PixelCache(tmp_path, max_bytes=None)
+    late.refresh(key)
+    first_chunk = sorted((tmp_path / LAYOUT / key).glob("*.npy"))[0]
+    first_chunk.unlink()
+    out = np.full((10, 3, size, size), 7, dtype=np.uint8)
+    assert not late.read_into(key, ids[:10], out).any() and (out == 7).all()
+    assert late.read_into(key, ids[10:12], out[:2]).all()
 
 
 

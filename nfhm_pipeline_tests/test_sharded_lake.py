@@ -95,8 +95,18 @@ def test_the_digest_check_and_the_ids_digest_equal_plain_per_id_references():
         assert all_digests(ids) == all(re.fullmatch(r"[0-9a-f]{64}", i) is not None for i in ids), extra
         assert ids_digest(ids) == digest_reference(ids) == ids_digest(reversed(ids)), extra
     assert all_digests([]) and ids_digest([]) == digest_reference([])
-    # ids that are not all digests are sharded one by one (by their hash), digests by their prefix
-    assert {shard_of(i, 2) for i in digests} == {i[:2] for i in digests}
+    # the groups of a list of ids are those of shard_of id by id (digests by their prefix, any
+    # other id by its hash), in the order given, whatever the mix
+    from nfhm_pipeline.store.embedding_store import _group_by_shard
+
+    for ids in ([], digests, digests[:7] + ["catalogue-000123"] + digests[7:], ["0001", "0002", "ü"]):
+        for digits in (0, 1, 2):
+            for positions in (False, True):
+                expected: dict = {}
+                for i, iid in enumerate(ids):
+                    expected.setdefault(shard_of(iid, digits), []).append(i if positions else iid)
+                got = _group_by_shard(ids, digits, positions=positions)
+                assert got == expected and list(got) == list(expected), (ids[:2], digits, positions)
 
 
 def test_ten_thousand_images_are_sixteen_parts_each_holding_its_prefix(tmp_path):
@@ -364,3 +374,17 @@ def test_a_lake_sharded_by_the_earlier_rule_for_non_digest_ids_is_resharded_with
     table = store.read("d", "m", order=ids)
     assert table.image_ids.tolist() == ids
     np.testing.assert_array_equal(table.vectors, np.stack([vectors[i] for i in ids]))
+
+
+@pytest.mark.parametrize("kind", [list, tuple, np.array, iter])
+def test_an_embedder_may_yield_its_positions_as_any_iterable_of_integers(tmp_path, kind):
+    store = EmbeddingStore(tmp_path)
+    ids = image_ids(300)
+
+    def embed_chunk(positions):
+        positions = list(positions)
+        yield kind(positions), np.stack([vector_of(ids[p]) for p in positions])
+
+    report = store.embed_incrementally("d", "m", ids, "fp", embed_chunk, chunk_size=64)
+    assert report.new == 300
+    assert_table(store, ids)

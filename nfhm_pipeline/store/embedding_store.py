@@ -513,7 +513,7 @@ class EmbeddingStore:
                 t0 = time.perf_counter()
                 got_pos, got_vec = [], []
                 for positions, vectors in embed_chunk(chunk):
-                    got_pos.extend(np.asarray(positions, dtype=np.int64).tolist())
+                    got_pos.extend(map(int, positions))  # any iterable of integers, as documented
                     got_vec.append(np.asarray(vectors, dtype=np.float32))
                 embed_seconds[0] += time.perf_counter() - t0
                 if not got_pos:
