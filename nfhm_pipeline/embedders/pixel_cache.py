@@ -205,14 +205,11 @@ class PixelCache:
     def _read_run(self, pixel_key: str, hits: list, out: np.ndarray, size: int) -> bool:
         """The common warm case in one copy: every image of the batch in one chunk, at consecutive
         rows in the batch's order (a chunk is filled in the order the pipeline embeds, so a warm run
-        meets its batches again as such runs). False: not that case
-        (or the chunk is gone), for the general path to handle."""
+        meets its batches again as such runs). False: not that case (or the chunk is gone), for the
+        general path to handle."""
         chunk, first = hits[0]
         n = len(hits)
-        if hits[-1] != (chunk, first + n - 1) or any(h[0] != chunk for h in hits):
-            return False
-        rows = np.fromiter((h[1] for h in hits), dtype=np.int64, count=n)
-        if not np.array_equal(rows, np.arange(first, first + n)):
+        if hits != [(chunk, row) for row in range(first, first + n)]:
             return False
         ids = self._fragments[pixel_key].get(chunk)
         pixels = self._chunk(pixel_key, chunk, len(ids), size) if ids is not None else None

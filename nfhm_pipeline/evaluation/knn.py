@@ -317,10 +317,11 @@ def _rank_classes_fp32(train, train_labels, test, ks, variants, block_size, trai
         # elementwise, so the same values as over the whole [b, C] array, at a fraction of the cost.
         jobs = []
         best_cos = best_s / qn
-        jobs.append((TOP1_COSINE, best_cos, _Bound(lambda p: eps_cos), True))
+        cos_bound = _Bound(lambda p: eps_cos)
+        jobs.append((TOP1_COSINE, best_cos, cos_bound, True))
         if "l2" in variants:  # unit vectors' distance falls as their cosine rises: same float32 order
-            jobs.append((TOP1_EUCLIDEAN_L2, best_cos, _Bound(lambda p: eps_cos), True))
-        jobs.append((MEAN_COSINE, ((q / qn_t.float()) @ centroids.T).cpu().numpy(), _Bound(lambda p: eps_cos), False))
+            jobs.append((TOP1_EUCLIDEAN_L2, best_cos, cos_bound, True))
+        jobs.append((MEAN_COSINE, ((q / qn_t.float()) @ centroids.T).cpu().numpy(), cos_bound, False))
         if "raw" in variants:
             def e2_raw(p):
                 return 2 * p(qn) * p(class_tmax) * eps_cos + 12 * _U * (p(qn) + p(class_tmax)) ** 2
@@ -328,8 +329,8 @@ def _rank_classes_fp32(train, train_labels, test, ks, variants, block_size, trai
             def min_d2(p, min_e=acc["min_e"]):
                 return np.maximum(p(min_e) + p(qn) ** 2, 0)
 
-            jobs.append((TOP1_EUCLIDEAN, lambda min_e=acc["min_e"]: -np.maximum(min_e + qn**2, 0),
-                         _Bound(e2_raw), True))
+            # the score is min_d2 over the whole [b, C] array (every operand as it is)
+            jobs.append((TOP1_EUCLIDEAN, lambda: -min_d2(_whole), _Bound(e2_raw), True))
             jobs.append((MEAN_EUCLIDEAN, lambda sum_d=acc["sum_d"]: -(sum_d / counts),
                          _Bound(lambda p, sum_d=acc["sum_d"]: _distance_error(min_d2(p), e2_raw(p))
                                 + p(eps_rel_mean) * (p(sum_d) / p(counts))), False))
@@ -573,6 +574,11 @@ class _Bound:
             return x if cols is None or x.shape[1] == 1 else np.take_along_axis(x, cols, 1)
 
         return np.broadcast_to(self.formula(p), shape)
+
+
+def _whole(x):
+    """A formula's operand as it is: the formula over the whole [b, C] array (see ``_Bound``)."""
+    return x
 
 
 def _settle(s, err: _Bound, ks):

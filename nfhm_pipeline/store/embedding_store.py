@@ -64,7 +64,7 @@ STAGING = "_staging"
 PART_ROWS = 4096  # target images per part: 12 MB at 768 dims
 _PART_NAME = re.compile(r"^part-(?P<shard>all|[0-9a-f]+)-[0-9a-f]{32}\.parquet$")
 _CHECKPOINT_NAME = re.compile(r"^ckpt-[0-9a-f]{32}\.parquet$")  # a chunk of a shard still being embedded
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # a digest, as the manifest's image ids are
+_HEX_DIGITS = b"0123456789abcdef"
 
 
 @dataclass
@@ -139,7 +139,7 @@ def shard_of(image_id: str, digits: int) -> str:
     sha256 of it, so parts stay near PART_ROWS rows whatever the ids look like."""
     if digits == 0:
         return "all"
-    if _SHA256_HEX.fullmatch(image_id):
+    if all_digests((image_id,)):
         return image_id[:digits]
     return hashlib.sha256(image_id.encode()).hexdigest()[:digits]
 
@@ -673,19 +673,12 @@ class EmbeddingStore:
 
 def _group_by_shard(ids: Sequence[str], digits: int, positions: bool = False) -> dict[str, list]:
     """Shard -> the ids (or their positions in ``ids``) that fall in it, in the order given."""
+    # the manifest's case, every id a digest: a shard is its prefix (shard_of's answer), with no check per id
+    shard = (lambda iid: iid[:digits]) if digits and all_digests(ids) else (lambda iid: shard_of(iid, digits))
     groups: dict[str, list] = {}
-    if digits == 0:
-        return {"all": list(range(len(ids))) if positions else list(ids)} if len(ids) else {}
-    if all_digests(ids):  # the manifest's case: each shard is a prefix, no per-id hashing or matching
-        for i, iid in enumerate(ids):
-            groups.setdefault(iid[:digits], []).append(i if positions else iid)
-        return groups
     for i, iid in enumerate(ids):
-        groups.setdefault(shard_of(iid, digits), []).append(i if positions else iid)
+        groups.setdefault(shard(iid), []).append(i if positions else iid)
     return groups
-
-
-_HEX_DIGITS = b"0123456789abcdef"
 
 
 def all_digests(ids: Sequence[str]) -> bool:
