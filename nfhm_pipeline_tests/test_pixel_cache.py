@@ -381,3 +381,18 @@ def test_reduced_and_torch_decode_of_real_jpegs_match_full_decode_within_toleran
         assert_within_tolerance(on_torch, want)
     assert reduced >= len(datas) // 2  # ~500 px sources at 32 px: reduced 4x
     assert decode_jpegs_torch([b"\xff\xd8 not a jpeg"], spec, "cpu") == [None]  # the CPU path takes it
+
+
+def test_a_manifest_listing_an_image_twice_stores_each_image_with_its_own_pixels(tmp_path):
+    # A hand-made manifest (a notebook's) may repeat a row; the pipeline's manifest rejects repeats.
+    manifest = collection(tmp_path / "img", 12)
+    repeated = pd.concat([manifest.iloc[:3], manifest.iloc[[1, 0]], manifest.iloc[3:], manifest.iloc[[7]]],
+                         ignore_index=True)
+    embedder = load_embedder(RAW)
+    cache = PixelCache(tmp_path / "pixels", max_bytes=None)
+    once = embed(tmp_path / "lake-once", manifest, embedder, cache).read_table()
+    twice = embed(tmp_path / "lake-twice", repeated, embedder, None).read_table()
+    assert twice.image_ids.tolist() == once.image_ids.tolist() == manifest["image_id"].tolist()
+    np.testing.assert_array_equal(twice.vectors, once.vectors)
+    np.testing.assert_array_equal(once.vectors, reference_pixels(manifest, embedder.preprocess).reshape(12, -1)
+                                  .astype(np.float32) / 255.0)

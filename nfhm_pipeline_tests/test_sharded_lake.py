@@ -388,3 +388,43 @@ def test_an_embedder_may_yield_its_positions_as_any_iterable_of_integers(tmp_pat
     report = store.embed_incrementally("d", "m", ids, "fp", embed_chunk, chunk_size=64)
     assert report.new == 300
     assert_table(store, ids)
+
+
+def test_an_id_listed_twice_is_embedded_once_from_its_first_row_and_later_rows_keep_their_own_vectors(tmp_path):
+    store = EmbeddingStore(tmp_path)
+    ids = image_ids(40)
+    listed = ids[:3] + [ids[1]] + ids[3:20] + [ids[0], ids[5]] + ids[20:]  # three repeats, early and late
+    asked_rows = []
+
+    def embed_chunk(positions):
+        positions = list(positions)
+        asked_rows.extend(positions)
+        yield positions, np.stack([vector_of(listed[p]) for p in positions])
+
+    report = store.embed_incrementally("d", "m", listed, "fp", embed_chunk, chunk_size=16)
+    assert report.new == 40 and report.total == 40
+    assert sorted(asked_rows) == sorted(listed.index(i) for i in ids)  # each id once, at its first row
+    assert_table(store, ids)
+
+
+def test_an_embedder_yielding_a_row_it_was_not_asked_for_is_a_storage_error(tmp_path):
+    from nfhm_pipeline.errors import StorageError
+
+    ids = image_ids(6)
+    listed = ids + [ids[0]]
+
+    def embed_chunk(positions):
+        yield [6], np.stack([vector_of(ids[0])])  # row 6 repeats row 0: never asked for
+
+    with pytest.raises(StorageError, match="row 6 of the image ids, a row it was not asked for"):
+        EmbeddingStore(tmp_path).embed_incrementally("d", "m", listed, "fp", embed_chunk)
+
+
+def test_a_write_of_a_table_with_a_repeated_id_keeps_the_first_row_of_each_id(tmp_path):
+    store = EmbeddingStore(tmp_path)
+    ids = image_ids(30)
+    listed = ids[:10] + [ids[2]] + ids[10:]
+    vectors = np.stack([vector_of(i) for i in listed])
+    vectors[10] += 100.0  # the repeat's own row differs: the first one must win
+    store.write("d", "m", EmbeddingTable(np.array(listed, dtype=object), vectors, "fp"))
+    assert_table(store, ids)

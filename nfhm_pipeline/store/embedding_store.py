@@ -329,11 +329,10 @@ class EmbeddingStore:
         """Replace the stored table by ``table`` (sharded into parts; rows of a part keep their
         order). Returns the path of its index, the file that names the table's parts."""
         vectors = np.asarray(table.vectors, dtype=np.float32)
-        by_id = {str(iid): i for i, iid in enumerate(table.image_ids)}
 
-        def embed_chunk(positions):
+        def embed_chunk(positions):  # positions are rows of the table (an id given twice: its first row)
             pos = list(positions)
-            yield pos, vectors[[by_id[ids[p]] for p in pos]] if pos else np.zeros((0, table.dim), np.float32)
+            yield pos, vectors[pos] if pos else np.zeros((0, table.dim), np.float32)
 
         ids = [str(i) for i in table.image_ids]
         self.embed_incrementally(dataset, model, ids, table.fingerprint, embed_chunk, chunk_size=max(1, len(ids)),
@@ -458,6 +457,8 @@ class EmbeddingStore:
         start = time.perf_counter()
         wanted = list(dict.fromkeys(str(i) for i in image_ids))  # order kept, duplicates dropped
         wanted_set = set(wanted)
+        if len(wanted) != len(image_ids):  # positions below are into `wanted`; the embedder's are not
+            embed_chunk = _asked_by_first_occurrence(image_ids, embed_chunk)
         if not _replace:
             self.migrate(dataset, model)
         index = self._read_index(dataset, model)
@@ -669,6 +670,27 @@ class EmbeddingStore:
                     self.fs.delete_file(info.path)
         except OSError as exc:
             raise StorageError(f"cannot clean up {redact(folder)}: {exc}; {_LAKE_HINT}") from None
+
+
+def _asked_by_first_occurrence(image_ids: Sequence[str], embed_chunk: Callable) -> Callable:
+    """``embed_chunk`` (which takes and yields positions into ``image_ids``) as the store calls it:
+    with positions into the ids with duplicates dropped. Each id is embedded from its first row;
+    without this, a repeated id shifted every later position onto the next image's pixels."""
+    first: dict[str, int] = {}
+    for i, iid in enumerate(image_ids):
+        first.setdefault(str(iid), i)
+    given = list(first.values())  # position among the distinct ids -> position in image_ids
+    distinct = {g: w for w, g in enumerate(given)}
+
+    def asked(positions):
+        for pos, vectors in embed_chunk([given[p] for p in positions]):
+            back = [distinct.get(int(p)) for p in pos]
+            if None in back:
+                raise StorageError(f"the embedder returned a vector for row {pos[back.index(None)]} of the "
+                                   "image ids, a row it was not asked for")
+            yield back, vectors
+
+    return asked
 
 
 def _group_by_shard(ids: Sequence[str], digits: int, positions: bool = False) -> dict[str, list]:
