@@ -9,7 +9,7 @@ For each model, on the same images, batch size and device, prints images/s of:
   cold      the real embedding stage (embed_manifest -> EmbeddingStore.embed_incrementally) with an
             empty pixel cache: decode + resize + forward + cache and Parquet writes
   warm      the same again with the pixel cache filled (what every further model with the same
-            preprocessing pays)
+            preprocessing pays), best of two runs into new lakes, as bare is the best of two passes
 and cold/bare, warm/bare against the issue's targets (CPU: tiny-clip warm >= 0.9; mobilenet_v2
 cold >= 0.8 and warm >= 0.9; vit-b-32 warm >= 0.9), plus the run's EmbedTimings and the time the
 pipeline spent beyond its forward passes (Parquet writes, waiting for pixels): on a machine shared
@@ -142,11 +142,12 @@ def bench_model(model: str, manifest, tmp: Path, args, device: str) -> dict:
         assert report.new == n
         return time.perf_counter() - t0
 
-    # bare measured before and after the pipeline runs: the machine is shared, the best of two is
-    # the least disturbed figure of the model alone
+    # bare measured before and after the pipeline runs, and the warm run twice (into two new
+    # lakes): the machine is shared, and the best of two is the least disturbed figure of each
     bare = bare_pass()
     cold = stage("cold")
-    warm = stage("warm")
+    warm, best = min([(stage(lake), lake) for lake in ("warm", "warm-again")])
+    timings["warm"] = timings[best]
     bare = min(bare, bare_pass())
     return {"model": model, "n": n, "key": spec.pixel_key, "bare": bare, "decode": decode, "cold": cold,
             "warm": warm, "timings": timings}

@@ -166,14 +166,14 @@ class PixelCache:
         index = self._index.get(pixel_key)
         if index is None:
             index = self.refresh(pixel_key)
+        size = out.shape[-1]
+        if len(image_ids) and self._read_run(pixel_key, index.get(image_ids[0]), image_ids, out, size):
+            found[:] = True
+            return found
         hits = list(map(index.get, image_ids))
         if None in hits:  # another run may have added chunks since: look at the folder once more
             index = self.refresh(pixel_key)
             hits = list(map(index.get, image_ids))
-        size = out.shape[-1]
-        if hits and None not in hits and self._read_run(pixel_key, hits, out, size):
-            found[:] = True
-            return found
         by_chunk: dict[str, list[tuple[int, int]]] = {}
         for i, hit in enumerate(hits):
             if hit is not None:
@@ -202,22 +202,25 @@ class PixelCache:
             found[dest] = True
         return found
 
-    def _read_run(self, pixel_key: str, hits: list, out: np.ndarray, size: int) -> bool:
-        """The common warm case in one copy: every image of the batch in one chunk, at consecutive
-        rows in the batch's order (a chunk is filled in the order the pipeline embeds, so a warm run
-        meets its batches again as such runs). False: not that case (or the chunk is gone), for the
-        general path to handle."""
-        chunk, first = hits[0]
-        n = len(hits)
-        if hits != [(chunk, row) for row in range(first, first + n)]:
+    def _read_run(self, pixel_key: str, first_hit: tuple[str, int] | None, image_ids: Sequence[str],
+                  out: np.ndarray, size: int) -> bool:
+        """The common warm case in one copy: the batch's images are consecutive rows of one chunk,
+        in the batch's order (a chunk is filled in the order the pipeline embeds, so a warm run meets
+        its batches again as such runs). Checked against the chunk's own id list, so no per-image
+        index lookup is needed; an image also held by another chunk has the same pixels there.
+        False: not that case (or the chunk is gone), for the general path to handle."""
+        if first_hit is None:
             return False
+        chunk, first = first_hit
+        n = len(image_ids)
         ids = self._fragments[pixel_key].get(chunk)
-        pixels = self._chunk(pixel_key, chunk, len(ids), size) if ids is not None else None
+        if ids is None or ids[first:first + n] != (image_ids if isinstance(image_ids, list) else list(image_ids)):
+            return False
+        pixels = self._chunk(pixel_key, chunk, len(ids), size)
         if pixels is None:
             return False
-        dest = out[:n]
         try:
-            dest[...] = pixels[first:first + n]
+            out[:n] = pixels[first:first + n]
         except OSError:  # the file went away under the map: the general path forgets it and decodes
             return False
         return True

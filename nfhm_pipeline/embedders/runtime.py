@@ -316,7 +316,7 @@ class _Prefetcher:
                     pass
 
     def _fill(self, positions, out: np.ndarray, pool, writer) -> list[str]:
-        ids = [self.image_ids[p] for p in positions]
+        ids = list(map(self.image_ids.__getitem__, positions))
         if self.cache is not None:
             found = self.cache.read_into(self.spec.pixel_key, ids, out)
         else:

@@ -481,9 +481,9 @@ class EmbeddingStore:
 
         digests: dict[str, str] = {}  # shard -> ids_digest of its wanted ids, computed once
 
-        def digest_of(shard: str) -> str:
+        def digest_of(shard: str, ids_s: list[str] | None = None) -> str:
             if shard not in digests:
-                digests[shard] = ids_digest(wanted[p] for p in groups[shard])
+                digests[shard] = ids_digest(ids_s if ids_s is not None else [wanted[p] for p in groups[shard]])
             return digests[shard]
 
         for part in old_parts:  # images gone from the manifest, counted whatever the fingerprint
@@ -495,7 +495,8 @@ class EmbeddingStore:
         finite = [True]
         dim = [_dim if _dim is not None else (index.dim if same else None)]
         embed_seconds = [0.0]
-        pending: list[tuple[str, list[int], list[int], list[str], str]] = []  # shard, positions, todo, sources, digest
+        # shard, positions, ids, todo, sources, digest
+        pending: list[tuple[str, list[int], list[str], list[int], list[str], str]] = []
         piece_cache: dict[str, EmbeddingTable] = {}
 
         def read_piece(path: str) -> EmbeddingTable:
@@ -505,23 +506,26 @@ class EmbeddingStore:
             return piece_cache[path]
 
         def flush() -> None:
-            todo = [p for _, _, t, _, _ in pending for p in t]
-            fresh: dict[int, int] = {}  # position -> its row of fresh_vectors (a position yielded twice: the last)
+            todo = [p for _, _, _, t, _, _ in pending for p in t]
+            got_all: list[int] = []  # every position yielded, in order; row i of fresh_vectors is got_all[i]
             fresh_parts: list[np.ndarray] = []
-            n_fresh = 0
             chunks = [todo[i:i + chunk_size] for i in range(0, len(todo), max(1, chunk_size))]
             for chunk in chunks:
                 t0 = time.perf_counter()
                 got_pos, got_vec = [], []
                 for positions, vectors in embed_chunk(chunk):
-                    got_pos.extend(map(int, positions))  # any iterable of integers, as documented
+                    # any iterable of integers, as documented (an integer array converts at C speed)
+                    exact = isinstance(positions, np.ndarray) and positions.dtype.kind in "iu"
+                    got_pos.extend(positions.tolist() if exact else map(int, positions))
                     got_vec.append(np.asarray(vectors, dtype=np.float32))
                 embed_seconds[0] += time.perf_counter() - t0
                 if not got_pos:
                     continue
                 vectors = np.concatenate(got_vec)
-                fresh.update(zip(got_pos, range(n_fresh, n_fresh + len(got_pos))))
-                n_fresh += len(got_pos)
+                if len(vectors) != len(got_pos):
+                    raise StorageError(f"{dataset}/{model}: the embedder returned {len(vectors)} vector(s) "
+                                       f"for {len(got_pos)} image(s)")
+                got_all.extend(got_pos)
                 fresh_parts.append(vectors)
                 if len(chunks) > 1:  # a shard larger than a chunk: checkpoint each chunk for a resume
                     _write_parquet(self.fs, f"{folder}/{STAGING}/ckpt-{uuid.uuid4().hex}.parquet",
@@ -529,8 +533,18 @@ class EmbeddingStore:
                                                   fingerprint), model)
             fresh_vectors = (np.concatenate(fresh_parts) if fresh_parts
                              else np.zeros((0, dim[0] or 0), np.float32))
-            for shard, positions, _, sources, digest in pending:
-                ids_s = [wanted[p] for p in positions]
+            # The usual case: every position came back once, in the order asked. Then each shard
+            # without older vectors is one slice of fresh_vectors, and no lookup table is built.
+            in_order = got_all == todo
+            fresh: dict[int, int] = {} if in_order else dict(zip(got_all, range(len(got_all))))  # twice: the last
+            offset = 0
+            for shard, positions, ids_s, asked, sources, digest in pending:
+                start, offset = offset, offset + len(asked)
+                if in_order and not sources:  # nothing known before: `asked` is `positions`
+                    write_part(shard, ids_s, fresh_vectors[start:offset], digest)
+                    continue
+                if in_order and not fresh:
+                    fresh = dict(zip(got_all, range(len(got_all))))
                 if not sources and all(p in fresh for p in positions):  # all embedded now: one gather
                     vectors = fresh_vectors[[fresh[p] for p in positions]]
                     write_part(shard, ids_s, vectors, digest)
@@ -571,7 +585,7 @@ class EmbeddingStore:
         for shard in sorted(groups):
             positions = groups[shard]
             ids_s = [wanted[p] for p in positions]
-            digest = digest_of(shard)
+            digest = digest_of(shard, ids_s)
             part = kept.get(shard)
             if part is not None and part.digest == digest and part.rows == len(ids_s):
                 new_parts.append(part)  # untouched: not rewritten, not re-uploaded
@@ -588,12 +602,13 @@ class EmbeddingStore:
                 if dim[0] is None:
                     dim[0] = read_piece(adopt).dim
                 continue
-            need, known, sources = set(ids_s), set(), []
-            # an id that is not a sha256 digest may sit in any old part: before the lake hashed such
-            # ids (shard_of) it sharded them by their first characters, so a same-fingerprint run
-            # looks for their vectors in every part instead of embedding them again
-            anywhere = not all_digests(ids_s)
+            known, sources = set(), []
+            need = set(ids_s) if same or leftovers else set()
             if same:
+                # an id that is not a sha256 digest may sit in any old part: before the lake hashed such
+                # ids (shard_of) it sharded them by their first characters, so a same-fingerprint run
+                # looks for their vectors in every part instead of embedding them again
+                anywhere = not all_digests(ids_s)
                 for old in old_parts:
                     if (anywhere or _overlaps(old.shard, shard)) and (hit := (ids_of_old(old) & need) - known):
                         sources.append(f"{folder}/{old.file}")
@@ -604,13 +619,13 @@ class EmbeddingStore:
                     sources.append(path)
                     known |= hit
                     counts["resumed"] += len(hit)
-            todo = [p for p, iid in zip(positions, ids_s) if iid not in known]
+            todo = [p for p, iid in zip(positions, ids_s) if iid not in known] if known else list(positions)
             if pending and pending_todo + len(todo) > chunk_size:
                 # embed what is pending first: a group stays within one chunk, so only a shard
                 # larger than a chunk is split (and checkpointed chunk by chunk)
                 flush()
                 pending_todo = 0
-            pending.append((shard, positions, todo, sources, digest))
+            pending.append((shard, positions, ids_s, todo, sources, digest))
             pending_todo += len(todo)
             if pending_todo >= chunk_size or not todo:
                 flush()
