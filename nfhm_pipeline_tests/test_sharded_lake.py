@@ -428,3 +428,20 @@ def test_a_write_of_a_table_with_a_repeated_id_keeps_the_first_row_of_each_id(tm
     vectors[10] += 100.0  # the repeat's own row differs: the first one must win
     store.write("d", "m", EmbeddingTable(np.array(listed, dtype=object), vectors, "fp"))
     assert_table(store, ids)
+
+
+@pytest.mark.parametrize("extra", [-1, 1])
+def test_an_embedder_returning_more_or_fewer_vectors_than_positions_is_a_storage_error(tmp_path, extra):
+    from nfhm_pipeline.errors import StorageError
+
+    ids = image_ids(20)
+
+    def embed_chunk(positions):
+        positions = list(positions)
+        yield positions, np.stack([vector_of(ids[p]) for p in positions[:len(positions) + extra]]
+                                  + ([vector_of(ids[0])] if extra > 0 else []))
+
+    store = EmbeddingStore(tmp_path)
+    with pytest.raises(StorageError, match=r"returned (19|21) vector\(s\) for 20 image\(s\)"):
+        store.embed_incrementally("d", "m", ids, "fp", embed_chunk)
+    assert not os.path.exists(store.index_path("d", "m"))  # nothing committed
