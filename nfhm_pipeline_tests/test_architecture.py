@@ -55,6 +55,29 @@ def test_importing_every_stage_loads_no_dagster():
     assert out.stdout.strip() == "[]"
 
 
+
+def test_what_a_ray_actor_runs_loads_no_table_library(tmp_path):
+    # An embedding actor imports torch and the embedder, decodes and embeds; each fresh actor pays
+    # its imports at start-up (docs/scaling.md), so pandas, pyarrow, yaml, DuckDB and Dagster stay out.
+    from PIL import Image
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (20, 14), (200, 30, 40)).save(image)
+    image_id = __import__("hashlib").sha256(image.read_bytes()).hexdigest()
+    code = f"""
+import sys
+from nfhm_pipeline.embedders.ray_engine import _EmbedWorker
+from nfhm_pipeline.embedders.loaders import load_embedder
+spec = {{"id": "raw", "loader": "raw_pixels", "image_size": 8}}
+worker = _EmbedWorker(spec, "raw", load_embedder(spec).fingerprint, "cpu", "fp32", False, "d", 1)
+out = worker.embed([0], [{str(image)!r}], [{image_id!r}])
+assert out["error"] == "" and out["vector"].shape == (1, 192), out
+print(sorted({{m.split(".")[0] for m in sys.modules}} & {{"pandas", "pyarrow", "yaml", "duckdb", "dagster", "sklearn"}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
 def test_every_asset_is_one_row_of_the_stage_table_and_one_stage_module():
     from nfhm_pipeline.assets import STAGES
     from nfhm_pipeline.catalog import load_catalog

@@ -32,16 +32,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-import pandas as pd
 
-from nfhm_pipeline.catalog import ModelSpec
 from nfhm_pipeline.embedders.pixel_cache import PixelCache
 from nfhm_pipeline.embedders.preprocess import PreprocessSpec
 from nfhm_pipeline.errors import ManifestError
-from nfhm_pipeline.store.embedding_store import EmbeddingStore, EmbedReport
+
+if TYPE_CHECKING:  # pandas (and the catalog and the store, which load it) where a table is made:
+    import pandas as pd  # a Ray actor decoding and embedding never loads them
+
+    from nfhm_pipeline.catalog import ModelSpec
+    from nfhm_pipeline.store.embedding_store import EmbeddingStore, EmbedReport
 
 __all__ = ["EmbedSettings", "EmbedTimings", "PixelCache", "decode_images", "decode_verified", "embed_manifest",
            "embedding_identity", "make_batches", "model_loader_spec", "use_jpeg_draft"]
@@ -433,6 +436,8 @@ def model_loader_spec(model: ModelSpec, models_dir: Path) -> dict:
 
 
 def text_prompt_table(class_names_by_level: dict[str, Sequence[str]], templates: Sequence[str]) -> pd.DataFrame:
+    import pandas as pd
+
     rows = [(level, name, t, t.format(name)) for level, names in class_names_by_level.items()
             for name in names for t in templates]
     return pd.DataFrame(rows, columns=["level", "class", "template", "prompt"])

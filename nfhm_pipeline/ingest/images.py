@@ -17,13 +17,15 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import pandas as pd
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from nfhm_pipeline.errors import ManifestError
+
+if TYPE_CHECKING:  # pandas is imported where a manifest is built: decoding alone (a Ray actor) never loads it
+    import pandas as pd
 
 SUPPORTED_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "I;16", "I;16B", "I;16L", "I", "F", "CMYK", "YCbCr"})
 REJECT_REASONS = (
@@ -170,6 +172,8 @@ def validate_images(
     Same bytes listed twice (the same uri again, or a copy): the first row is kept, later ones are
     `duplicate_image`. An empty first (finest) label is `missing_label`.
     """
+    import pandas as pd
+
     label_columns = list(label_columns)
     missing = [c for c in ["uri", *label_columns] if c not in candidates.columns]
     if missing or not label_columns:
