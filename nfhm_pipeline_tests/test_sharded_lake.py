@@ -445,3 +445,20 @@ def test_an_embedder_returning_more_or_fewer_vectors_than_positions_is_a_storage
     with pytest.raises(StorageError, match=r"returned (19|21) vector\(s\) for 20 image\(s\)"):
         store.embed_incrementally("d", "m", ids, "fp", embed_chunk)
     assert not os.path.exists(store.index_path("d", "m"))  # nothing committed
+
+
+def test_one_answer_short_and_the_next_one_over_is_still_a_storage_error(tmp_path):
+    # 9 vectors for 10 images, then 11 for 10: the totals agree, the rows would not
+    from nfhm_pipeline.errors import StorageError
+
+    ids = image_ids(20)
+
+    def embed_chunk(positions):
+        positions = list(positions)
+        yield positions[:10], np.stack([vector_of(ids[p]) for p in positions[:9]])
+        yield positions[10:], np.stack([vector_of(ids[p]) for p in positions[9:]])
+
+    store = EmbeddingStore(tmp_path)
+    with pytest.raises(StorageError, match=r"returned 9 vector\(s\) for 10 image\(s\)"):
+        store.embed_incrementally("d", "m", ids, "fp", embed_chunk)
+    assert not os.path.exists(store.index_path("d", "m"))

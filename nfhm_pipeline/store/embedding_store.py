@@ -516,15 +516,16 @@ class EmbeddingStore:
                 for positions, vectors in embed_chunk(chunk):
                     # any iterable of integers, as documented (an integer array converts at C speed)
                     exact = isinstance(positions, np.ndarray) and positions.dtype.kind in "iu"
+                    before = len(got_pos)
                     got_pos.extend(positions.tolist() if exact else map(int, positions))
                     got_vec.append(np.asarray(vectors, dtype=np.float32))
+                    if len(got_vec[-1]) != len(got_pos) - before:  # checked per answer: rows would shift
+                        raise StorageError(f"{dataset}/{model}: the embedder returned {len(got_vec[-1])} "
+                                           f"vector(s) for {len(got_pos) - before} image(s)")
                 embed_seconds[0] += time.perf_counter() - t0
                 if not got_pos:
                     continue
                 vectors = np.concatenate(got_vec)
-                if len(vectors) != len(got_pos):
-                    raise StorageError(f"{dataset}/{model}: the embedder returned {len(vectors)} vector(s) "
-                                       f"for {len(got_pos)} image(s)")
                 got_all.extend(got_pos)
                 fresh_parts.append(vectors)
                 if len(chunks) > 1:  # a shard larger than a chunk: checkpoint each chunk for a resume
