@@ -214,7 +214,7 @@ class PixelCache:
         chunk, first = first_hit
         n = len(image_ids)
         ids = self._fragments[pixel_key].get(chunk)
-        if ids is None or ids[first:first + n] != (image_ids if isinstance(image_ids, list) else list(image_ids)):
+        if ids is None or ids[first:first + n] != list(image_ids):
             return False
         pixels = self._chunk(pixel_key, chunk, len(ids), size)
         if pixels is None:

@@ -537,14 +537,14 @@ class EmbeddingStore:
             # The usual case: every position came back once, in the order asked. Then each shard
             # without older vectors is one slice of fresh_vectors, and no lookup table is built.
             in_order = got_all == todo
-            fresh: dict[int, int] = {} if in_order else dict(zip(got_all, range(len(got_all))))  # twice: the last
+            fresh: dict[int, int] | None = None  # position -> its row of fresh_vectors (twice: the last), when needed
             offset = 0
             for shard, positions, ids_s, asked, sources, digest in pending:
                 start, offset = offset, offset + len(asked)
                 if in_order and not sources:  # nothing known before: `asked` is `positions`
                     write_part(shard, ids_s, fresh_vectors[start:offset], digest)
                     continue
-                if in_order and not fresh:
+                if fresh is None:
                     fresh = dict(zip(got_all, range(len(got_all))))
                 if not sources and all(p in fresh for p in positions):  # all embedded now: one gather
                     vectors = fresh_vectors[[fresh[p] for p in positions]]
